@@ -218,7 +218,7 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         t = state_dict[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()[:16]
 
 
@@ -265,6 +265,11 @@ def read_artifact(path: str | os.PathLike) -> BackboneArtifact:
     except Exception as e:  # safetensors raises several types for corrupt headers
         raise ArtifactError(f"{path}: not a readable safetensors file ({e}); re-export it with "
                             "`bench backbone convert` or the pretraining run") from e
+    return artifact_from_tensors(tensors, meta, path)
+
+
+def artifact_from_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> BackboneArtifact:
+    """Assemble an artifact from safetensors contents; `path` only names the file in errors."""
     if "bench" not in meta:
         raise ArtifactError(f"{path}: safetensors file without bench metadata; convert it with "
                             "`bench backbone convert FILE -o OUT --arch ARCH`")
