@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import re
+import warnings
+import zipfile
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 
@@ -32,20 +34,61 @@ class Layout:
     prefix: str                           # trunk keys start with this (stripped)
     dropped: tuple[tuple[str, str], ...]  # (regex on the full key, reason) for keys removed on purpose
     method: str = "external"              # default method label for leaderboard rows
+    rename: object = None                 # optional key -> canonical key (or None to drop) after the prefix
+    about: str = ""                       # who writes files in this layout
 
 
 _HEADS = (
     (r"(^|\.)fc\.", "classifier / projection head (fc)"),
-    (r"(^|\.)head\.", "classification head"),
-    (r"(^|\.)(projector|projection_head|projection|predictor|prototypes)\.", "SSL projection/prediction head"),
+    (r"(^|\.)(head|heads|fc_norm|classifier)\.", "classification / SSL head"),
+    (r"(^|\.)(projector|projection_head|projection|predictor|prototypes|neck|bn)\.", "SSL projection/prediction head"),
+    (r"(^|\.)(momentum_|target_|mm_)", "momentum / target encoder"),
+    (r"(^|\.)(decoder_|mask_token|projector_decoder_blocks|predictor_decoder_blocks|stage\d_output_decode)",
+     "masked-image-modelling decoder"),
+    (r"(^|\.)(mask_encoder|mask_head)\.", "ADIOS occlusion model"),
 )
+
+
+def _detectron2_to_torchvision(key: str) -> str | None:
+    """Reverse of the MoCo/VISSL detectron2 renaming; None for keys outside the ResNet trunk."""
+    key = re.sub(r"^(backbone\.(bottom_up\.)?|roi_heads\.)", "", key)
+    if key.startswith("stem."):
+        key = key[len("stem."):]
+        if re.match(r"conv[23]\.", key):
+            raise CheckpointError("detectron2 checkpoint with a deep (3-conv) stem: it matches no torchvision "
+                                  "ResNet; use a 7x7-stem checkpoint")
+        return re.sub(r"^conv1\.norm\.", "bn1.", key)
+    m = re.match(r"res([2-5])\.(\d+)\.(.*)$", key)
+    if not m:
+        return None
+    stage, block, rest = int(m.group(1)) - 1, m.group(2), m.group(3)
+    rest = re.sub(r"^conv(\d)\.norm\.", r"bn\1.", rest)
+    rest = re.sub(r"^shortcut\.norm\.", "downsample.1.", rest)
+    rest = re.sub(r"^shortcut\.", "downsample.0.", rest)
+    return f"layer{stage}.{block}.{rest}"
+
+
 LAYOUTS = (
     Layout("moco", "module.encoder_q.",
            ((r"^module\.encoder_k\.", "momentum (key) encoder"), (r"^module\.queue", "MoCo negative queue"))
-           + _HEADS, method="moco"),
-    Layout("torchvision", "", _HEADS),
+           + _HEADS, method="moco", about="MoCo v1/v2 main_moco.py checkpoints"),
+    Layout("moco-v3", "module.base_encoder.",
+           ((r"^module\.momentum_encoder\.", "momentum encoder"), (r"^module\.predictor\.", "MoCo v3 predictor"))
+           + _HEADS, method="moco-v3", about="MoCo v3 ResNet and ViT checkpoints"),
+    Layout("vissl", "_feature_blocks.", _HEADS, about="VISSL classy_state_dict trunks"),
+    Layout("backbone-prefix", "backbone.", _HEADS, about="MMSelfSup/MMPretrain, solo-learn, DINO teacher"),
+    Layout("module-backbone-prefix", "module.backbone.", _HEADS,
+           about="DINO student, Barlow Twins/VICReg training checkpoints"),
+    Layout("lightning-encoder", "encoder.", _HEADS, method="adios", about="ADIOS Lightning checkpoints"),
+    Layout("ddp-module", "module.", _HEADS, about="SwAV, DINO, Barlow Twins, VICReg DDP state dicts"),
+    Layout("detectron2", "", ((r"^(proposal_generator|roi_heads\.(box|mask)_(predictor|head))\.",
+                               "detection heads"),), rename=_detectron2_to_torchvision,
+           about="detectron2 .pkl/.pth (MoCo/VISSL converters, trained C4/FPN models)"),
+    Layout("torchvision", "", _HEADS,
+           about="torchvision/timm state dicts; MAE, SiameseIM, DINO/Barlow/VICReg/SimCLR/BYOL releases"),
 )
-WRAPPERS = ("state_dict", "model", "module")
+WRAPPERS = ("classy_state_dict", "base_model", "state_dict", "model_state_dict", "model", "trunk", "module",
+            "teacher", "student")
 
 
 @dataclasses.dataclass
@@ -57,6 +100,7 @@ class LoadReport:
     arch: str
     modules: dict[str, dict[str, list[str]]]
     dropped: dict[str, str]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def count(self, kind: str) -> int:
         return sum(len(m[kind]) for m in self.modules.values())
@@ -87,18 +131,96 @@ class LoadReport:
         for reason in self.dropped.values():
             reasons[reason] += 1
         lines += [f"dropped {n} keys: {reason}" for reason, n in sorted(reasons.items())]
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"path": self.path, "format": self.format, "arch": self.arch,
                 "counts": {k: self.count(k) for k in ("matched", "missing", "unexpected", "shape_mismatch")},
-                "dropped": len(self.dropped),
+                "dropped": len(self.dropped), "notes": self.notes,
                 "modules": {n: {k: len(v) for k, v in m.items()} for n, m in self.modules.items()}}
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and metadata of a checkpoint file, never executing pickled code."""
+_SAFE_GLOBALS = {  # data-only classes found in real checkpoints besides tensors (MAE/DINO args, numpy values)
+    ("argparse", "Namespace"), ("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _DisallowedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickler for plain pickles (detectron2 .pkl) that resolves only data-only globals."""
+
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS or (module.startswith("numpy") and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise _DisallowedGlobal(f"global {module}.{name} is not allowed (not a data-only type)")
+
+
+def _torch_safe_globals() -> list:
+    import argparse
+    import importlib
+
+    found = [argparse.Namespace]
+    for module, name in _SAFE_GLOBALS:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    import numpy
+
+    found += [type(numpy.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool")]
+    return found
+
+
+def _load_object(path: Path):
+    """The unpickled object, resolving only data-only globals; raises CheckpointError otherwise.
+
+    Zip files go through torch.load(weights_only=True); other files (detectron2 .pkl plain pickles, legacy
+    torch files) are tried with torch's legacy loader, then with a data-only unpickler.
+    """
+    refused = ("{path}: refused: the file contains pickled objects other than tensors, arrays and plain "
+               "containers ({why}). bench never unpickles code; re-save the weights with torch.save(state_dict) "
+               "or as safetensors.")
+    try:
+        with torch.serialization.safe_globals(_torch_safe_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if zipfile.is_zipfile(path):
+            if isinstance(e, pickle.UnpicklingError):
+                raise CheckpointError(refused.format(path=path, why=_first_line(e))) from e
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                                  f"{_first_line(e)})") from e
+        torch_error = e
+    try:
+        with open(path, "rb") as f:
+            return _DataOnlyUnpickler(f, encoding="latin1").load()
+    except _DisallowedGlobal as e:
+        raise CheckpointError(refused.format(path=path, why=_first_line(e))) from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (torch.load: {_first_line(torch_error)}; "
+                              f"pickle: {_first_line(e)})") from e
+
+
+def _first_line(e: Exception) -> str:
+    """The informative line of an exception message (torch's weights-only errors name the global)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if "unsupported global" in line.lower() or "is not allowed" in line]
+    return (named or lines or [""])[0][:300]
+
+
+def read_state_dict(path: str | Path, state_key: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a checkpoint file, never executing pickled code.
+
+    Metadata holds the file's scalar entries plus `wrapper` (the path of dict keys descended into).
+    `state_key` ("a.b.c") names that path explicitly instead of the automatic descent through WRAPPERS.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -110,51 +232,47 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused: the file contains pickled objects other than tensors and plain containers "
-            f"({str(e).splitlines()[0]}). bench never unpickles arbitrary code; re-save the checkpoint's "
-            "state_dict with torch.save or convert it to safetensors.") from e
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    obj = _load_object(path)
     meta = {k: v for k, v in obj.items() if isinstance(v, (str, int, float))} if isinstance(obj, dict) else {}
-    return _unwrap(obj, path), meta
+    if state_key:
+        for part in state_key.split("."):
+            if not isinstance(obj, dict) or part not in obj:
+                raise CheckpointError(f"{path}: --state-key {state_key!r}: no entry {part!r}; entries: "
+                                      f"{', '.join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__}")
+            obj = obj[part]
+        wrapper = state_key.split(".")
+    else:
+        obj, wrapper = _unwrap(obj, path)
+    meta["wrapper"] = ".".join(wrapper)
+    return {k: _as_tensor(v) for k, v in obj.items() if _is_array(v)}, meta
 
 
-def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
-    """Descend through wrapper dicts ('state_dict', 'model', 'module') to the flat tensor dict."""
+def _is_array(v) -> bool:
+    import numpy
+
+    return isinstance(v, (torch.Tensor, numpy.ndarray))
+
+
+def _as_tensor(v) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.from_numpy(v.copy())
+
+
+def _unwrap(obj, path: Path) -> tuple[dict, list[str]]:
+    """Descend through wrapper dicts (WRAPPERS, in order of preference) to the flat tensor dict."""
+    trail = []
     while isinstance(obj, dict):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors and len(tensors) >= len(obj) / 2:
-            return tensors
-        inner = next((obj[w] for w in WRAPPERS if isinstance(obj.get(w), dict)), None)
-        if inner is None:
+        arrays = sum(_is_array(v) for v in obj.values())
+        if arrays and arrays >= len(obj) / 2:
+            return obj, trail
+        name = next((w for w in WRAPPERS if isinstance(obj.get(w), dict)), None)
+        if name is None:
             break
-        obj = inner
+        obj, trail = obj[name], trail + [name]
     raise CheckpointError(f"{path}: no tensor dictionary found (looked inside {', '.join(WRAPPERS)}); "
                           "pass --state-key NAME to say which entry holds the weights")
 
 
 # ----------------------------------------------------------------------------------------------- layouts
-def detect_layout(keys: list[str]) -> Layout:
-    """The layout whose trunk prefix covers the most keys that look like trunk weights."""
-    def score(layout: Layout) -> int:
-        return sum(k.startswith(layout.prefix) and _looks_like_trunk(k[len(layout.prefix):]) for k in keys)
-
-    best = max(LAYOUTS, key=score)
-    if score(best) == 0:
-        raise CheckpointError("no known checkpoint layout matches these keys; known layouts: "
-                              + ", ".join(f"{lay.name} (prefix {lay.prefix!r})" for lay in LAYOUTS)
-                              + f"; first keys: {', '.join(keys[:6])}")
-    return best
-
-
-def _looks_like_trunk(key: str) -> bool:
-    return bool(re.match(r"(conv1|bn1|layer[1-4]|patch_embed|blocks|cls_token|pos_embed|norm)\b", key))
-
-
 def map_keys(state: dict[str, torch.Tensor], layout: Layout) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Trunk tensors under canonical names, and {dropped key: reason} for every other key."""
     trunk, dropped = OrderedDict(), {}
@@ -162,11 +280,47 @@ def map_keys(state: dict[str, torch.Tensor], layout: Layout) -> tuple[dict[str, 
         reason = next((why for pattern, why in layout.dropped if re.search(pattern, key)), None)
         if reason:
             dropped[key] = reason
-        elif key.startswith(layout.prefix):
-            trunk[key[len(layout.prefix):]] = value
-        else:
+        elif not key.startswith(layout.prefix):
             dropped[key] = f"outside the trunk prefix {layout.prefix!r}"
+        else:
+            name = key[len(layout.prefix):]
+            name = layout.rename(name) if layout.rename else name
+            if name is None:
+                dropped[key] = f"not part of the {layout.name} trunk"
+            else:
+                trunk[name] = value
     return trunk, dropped
+
+
+def detect_layout(state: dict[str, torch.Tensor], prefix: str | None = None) -> Layout:
+    """The layout that maps the most keys onto trunk-like names; an explicit `prefix` wins.
+
+    Two layouts that tie with different mappings, or none that maps anything, raise CheckpointError
+    listing the candidates and the unmatched keys: nothing is guessed silently.
+    """
+    if prefix is not None:
+        return Layout("custom-prefix", prefix, _HEADS, about=f"--prefix {prefix!r}")
+
+    def mapped(layout):
+        return {k for k in map_keys(state, layout)[0] if _looks_like_trunk(k)}
+
+    scored = sorted(((len(mapped(lay)), i, lay) for i, lay in enumerate(LAYOUTS)), key=lambda t: (-t[0], t[1]))
+    (best, _, layout), (second, _, runner_up) = scored[0], scored[1]
+    keys = list(state)
+    if best == 0:
+        raise CheckpointError(
+            "no known checkpoint layout matches these keys. Known layouts: "
+            + "; ".join(f"{lay.name} (trunk prefix {lay.prefix!r}: {lay.about})" for lay in LAYOUTS)
+            + f". Unmatched keys: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}. "
+            "Pass --prefix P (and --state-key K) to say where the trunk is.")
+    if second == best and mapped(layout) != mapped(runner_up):
+        raise CheckpointError(f"ambiguous checkpoint: layouts {layout.name!r} and {runner_up.name!r} both map "
+                              f"{best} keys; pass --prefix to choose")
+    return layout
+
+
+def _looks_like_trunk(key: str) -> bool:
+    return bool(re.match(r"(conv1|bn1|layer[1-4]|patch_embed|blocks|cls_token|pos_embed|norm)\b", key))
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
@@ -219,31 +373,40 @@ def audit(model_state: dict[str, torch.Tensor], ckpt_state: dict[str, torch.Tens
 
 
 def to_artifact(path: str | Path, arch: str | None = None, method: str | None = None,
-                allow_partial: bool = False) -> tuple[BackboneArtifact, LoadReport]:
-    """Read any supported checkpoint as a BackboneArtifact, audited; refuses partial loads by default."""
+                allow_partial: bool = False, state_key: str | None = None, prefix: str | None = None,
+                img_size: int | None = None) -> tuple[BackboneArtifact, LoadReport]:
+    """Read any supported checkpoint as a BackboneArtifact, audited; refuses partial loads by default.
+
+    `state_key`/`prefix` override the automatic wrapper descent and layout detection; `img_size` rebuilds a
+    ViT for another input size, interpolating its position embeddings (noted in the audit).
+    """
     path = Path(path)
-    tensors, meta = read_state_dict(path)
+    tensors, meta = read_state_dict(path, state_key)
+    notes = [f"weights read from entry {meta['wrapper']!r}"] if meta.get("wrapper") else []
     if "bench" in meta:
         art = artifact_from_tensors(tensors, meta, path)
-        fmt, trunk, dropped = "bench", art.state_dict, {}
+        fmt, dropped = "bench", {}
+        if arch is not None and arch != art.arch:
+            raise CheckpointError(f"{path}: holds a {art.arch} backbone but --arch {arch} was asked for")
     else:
-        layout = detect_layout(list(tensors))
+        layout = detect_layout(tensors, prefix)
         trunk, dropped = map_keys(tensors, layout)
-        arch_kwargs = {}
-        if arch is None:
-            arch, arch_kwargs = infer_arch(trunk)
-        art = BackboneArtifact(arch=arch, state_dict=trunk, preprocessing=Preprocessing(),
+        inferred, arch_kwargs = infer_arch(trunk) if arch is None or arch.startswith(("resnet", "vit_")) \
+            else (arch, {})
+        if arch is not None and arch != inferred:
+            raise CheckpointError(f"{path}: holds a {inferred} backbone ({layout.name} layout) but --arch {arch} "
+                                  "was asked for")
+        art = BackboneArtifact(arch=inferred, state_dict=trunk, preprocessing=Preprocessing(),
                                arch_kwargs=arch_kwargs,
-                               provenance={"method": method or layout.method, "source_file": str(path),
-                                           "source_format": layout.name,
-                                           "source_arch": meta.get("arch")})
+                               provenance={"method": layout.method, "source_file": str(path),
+                                           "source_format": layout.name, "source_arch": meta.get("arch")})
         fmt = layout.name
-    if arch is not None and arch != art.arch:
-        raise CheckpointError(f"{path}: holds a {art.arch} backbone but --arch {arch} was asked for")
     if method:
         art.provenance["method"] = method
+    if img_size and art.family == "vit":
+        notes += _resize_vit(art, img_size)
     model = build_backbone(art.arch, **art.arch_kwargs)
-    report = LoadReport(str(path), fmt, art.arch, audit(model.state_dict(), trunk), dropped)
+    report = LoadReport(str(path), fmt, art.arch, audit(model.state_dict(), art.state_dict), dropped, notes)
     if not report.ok and not allow_partial:
         raise CheckpointError(
             f"{path}: refused: the load would leave {report.count('missing')} trunk tensors uninitialised "
@@ -252,13 +415,33 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
     return art, report
 
 
+def _resize_vit(art: BackboneArtifact, img_size: int) -> list[str]:
+    """Rebuild the ViT for `img_size`, bicubically resampling pos_embed to the new patch grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    pos = art.state_dict.get("pos_embed")
+    old = art.arch_kwargs.get("img_size", 224)
+    if old == img_size:
+        return []
+    art.arch_kwargs = {**art.arch_kwargs, "img_size": img_size}
+    if pos is None:
+        return [f"rebuilt for {img_size} px (no pos_embed in the checkpoint)"]
+    grid = img_size // 16
+    art.state_dict = {**art.state_dict, "pos_embed": resample_abs_pos_embed(pos, (grid, grid), num_prefix_tokens=1)}
+    old_grid = int(round((pos.shape[1] - 1) ** 0.5))
+    return [f"pos_embed interpolated {old_grid}x{old_grid} -> {grid}x{grid} for {img_size} px inputs"]
+
+
 def load_backbone(path: str | Path, arch: str | None = None, method: str | None = None,
-                  allow_partial: bool = False) -> tuple[Backbone, LoadReport]:
-    """A ready `Backbone` (preprocessing + trunk with the checkpoint's weights) and its load audit."""
-    art, report = to_artifact(path, arch=arch, method=method, allow_partial=allow_partial)
+                  allow_partial: bool = False, **layout_options) -> tuple[Backbone, LoadReport]:
+    """A ready `Backbone` (preprocessing + trunk with the checkpoint's weights) and its load audit.
+
+    `layout_options`: state_key, prefix, img_size (see `to_artifact`).
+    """
+    art, report = to_artifact(path, arch=arch, method=method, allow_partial=allow_partial, **layout_options)
     trunk = build_backbone(art.arch, **art.arch_kwargs)
-    usable = {k: v for k, v in art.state_dict.items()
-              if k in trunk.state_dict() and v.shape == trunk.state_dict()[k].shape}
+    expected = trunk.state_dict()
+    usable = {k: v for k, v in art.state_dict.items() if k in expected and v.shape == expected[k].shape}
     trunk.load_state_dict(usable, strict=False)
     backbone = Backbone(art, trunk)
     backbone.report = report
