@@ -1,0 +1,180 @@
+"""The `bench` command: list, run, report, data, backbone, inspect."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.spec import CACHE_ROOT
+
+
+def cmd_list(args) -> None:
+    from benchmarks.spec import load_specs
+
+    for spec in load_specs().values():
+        print(f"{spec.name:<12} {spec.task:<13} dataset={spec.dataset:<10} recipes={','.join(spec.recipes)} "
+              f"(default {spec.default_recipe})  metrics={','.join(spec.metrics)}  "
+              f"backbones={','.join(spec.accepts)}  engines={','.join(spec.engines)}  "
+              f"budgets={','.join(spec.budgets) or '-'}\n{'':<13}{spec.description}")
+
+
+def cmd_run(args) -> None:
+    from benchmarks.runner import RunOptions, run_benchmark
+
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "crop_size": args.crop_size,
+                 "resize_size": args.resize_size, "lr": args.lr}
+    opts = RunOptions(benchmark=args.benchmark, backbone=args.backbone, data_root=args.data_root,
+                      recipe=args.recipe, mode=args.mode, trials=args.trials, seed=args.seed, out=args.out,
+                      budget=args.budget, overrides=overrides, arch=args.arch, method=args.method, name=args.name,
+                      allow_partial_load=args.allow_partial_load, device=args.device, cache_dir=args.cache_dir,
+                      state_key=args.state_key, prefix=args.prefix,
+                      **({"workers": args.workers} if args.workers is not None else {}))
+    run_benchmark(opts)
+
+
+def cmd_report(args) -> None:
+    from leaderboard.report import render_report
+
+    print(render_report(args.results, fmt=args.format, references=not args.no_references))
+
+
+def cmd_data_mini(args) -> None:
+    from benchmarks.minidata import make_mini
+
+    summary = make_mini(args.root, seed=args.seed, scale=args.scale, image_size=args.image_size)
+    for dataset, splits in summary.items():
+        print(f"{dataset:<10} " + "  ".join(f"{s}={n}" for s, n in splits.items()))
+    print(f"miniature datasets written under {Path(args.root).resolve()}")
+
+
+def cmd_backbone_random(args) -> None:
+    from transfer.artifact import random_artifact, save_artifact
+
+    kwargs = {"width": args.width} if args.width else {}
+    art = random_artifact(args.arch, seed=args.seed, **kwargs)
+    print(f"{save_artifact(args.output, art)}: random-init {args.arch} {kwargs or ''} {art.hash}")
+
+
+def cmd_backbone_convert(args) -> None:
+    from transfer.artifact import save_artifact
+    from transfer.loading import to_artifact
+
+    art, report = to_artifact(args.file, arch=args.arch, method=args.method, allow_partial=args.allow_partial_load,
+                              state_key=args.state_key, prefix=args.prefix)
+    if args.highpass_sigma is not None:
+        art.preprocessing.highpass_sigma = args.highpass_sigma
+    if not report.ok:
+        art.provenance["partial_load"] = report.to_dict()
+    print(report.summary())
+    print(f"{save_artifact(args.output, art)}: {art.arch} {art.hash}")
+
+
+def cmd_inspect(args) -> None:
+    from transfer.loading import to_artifact
+
+    art, report = to_artifact(args.file, arch=args.arch, allow_partial=True, state_key=args.state_key,
+                              prefix=args.prefix)
+    params = sum(v.numel() for k, v in art.state_dict.items() if "running_" not in k and "num_batches" not in k)
+    print(f"format: {report.format}\narch: {art.arch} {art.arch_kwargs or ''}\nparameters: {params / 1e6:.2f}M\n"
+          f"preprocessing: {art.preprocessing.to_dict()}\nprovenance: {art.provenance}\nweights: {art.hash}")
+    print(report.summary(max_keys=20))
+    print("audit: OK" if report.ok else "audit: REFUSED for `bench run` (missing or mis-shaped trunk weights)")
+    if not report.ok:
+        sys.exit(1)
+
+
+def add_layout_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", help="architecture, when it cannot be inferred from the checkpoint")
+    p.add_argument("--state-key", help="dotted path of the entry holding the weights (default: automatic)")
+    p.add_argument("--prefix", help="key prefix of the trunk weights (default: detected layout)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description="Transfer evaluation of self-supervised backbones.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    sub.add_parser("list", help="benchmarks with task, dataset, recipes, metrics, accepted backbones"
+                   ).set_defaults(fn=cmd_list)
+
+    r = sub.add_parser("run", help="run a benchmark on a backbone; writes one result record per trial")
+    r.add_argument("benchmark", help="benchmark name (see `bench list`)")
+    r.add_argument("--backbone", required=True, help="backbone artifact or checkpoint file")
+    r.add_argument("--data-root", required=True, help="folder holding the datasets in their real layouts")
+    r.add_argument("--recipe", help="recipe id (default: the benchmark's default)")
+    r.add_argument("--mode", choices=["cached", "protocol"], help="linear probes: cached (default) or protocol")
+    r.add_argument("--trials", type=int, help="number of trials (seeds seed..seed+N-1)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", default="results", help="results folder (default ./results)")
+    r.add_argument("--budget", help="non-protocol preset for CPU/miniature runs, e.g. tiny (recorded)")
+    r.add_argument("--epochs", type=int, help="override the recipe's epochs (recorded as non-protocol)")
+    r.add_argument("--batch-size", type=int, help="override the batch size (LR scales linearly; recorded)")
+    r.add_argument("--crop-size", type=int, help="override the crop size (recorded)")
+    r.add_argument("--resize-size", type=int, help="override the test resize (recorded)")
+    r.add_argument("--lr", type=float, help="override the base LR at the recipe's reference batch (recorded)")
+    add_layout_options(r)
+    r.add_argument("--method", help="method label for the leaderboard (default: from the artifact)")
+    r.add_argument("--name", help="backbone name for the leaderboard (default: file name)")
+    r.add_argument("--allow-partial-load", action="store_true",
+                   help="accept a checkpoint that leaves trunk weights uninitialised (recorded, non-protocol)")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    r.add_argument("--workers", type=int, help="data-loading workers (default min(4, cores))")
+    r.add_argument("--cache-dir", default=str(CACHE_ROOT / "features"), help="feature cache for --mode cached")
+    r.set_defaults(fn=cmd_run)
+
+    rep = sub.add_parser("report", help="leaderboard tables: measured rows (mean ± std) beside published rows")
+    rep.add_argument("--results", default="results", help="results folder (default ./results)")
+    rep.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
+    rep.add_argument("--no-references", action="store_true", help="hide the published reference rows")
+    rep.set_defaults(fn=cmd_report)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_verb", required=True)
+    mini = data.add_parser("mini", help="write the miniature datasets in the real layouts (deterministic)")
+    mini.add_argument("--root", required=True)
+    mini.add_argument("--seed", type=int, default=0)
+    mini.add_argument("--scale", type=float, default=1.0, help="multiply the number of images per set")
+    mini.add_argument("--image-size", type=int, default=96, help="base image size in pixels")
+    mini.set_defaults(fn=cmd_data_mini)
+
+    bb = sub.add_parser("backbone", help="backbone artifacts").add_subparsers(dest="backbone_verb", required=True)
+    rnd = bb.add_parser("random", help="write a random-init artifact (the random-init reference row)")
+    rnd.add_argument("--arch", required=True, help="resnet18/34/50/101/152, vit_{tiny,small,base}_patch16")
+    rnd.add_argument("--width", type=int, help="ResNet stem width (64 = standard; smaller = slim CPU variant)")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("-o", "--output", required=True)
+    rnd.set_defaults(fn=cmd_backbone_random)
+
+    conv = bb.add_parser("convert", help="audit any supported checkpoint and write it as a bench artifact")
+    conv.add_argument("file")
+    conv.add_argument("-o", "--output", required=True)
+    conv.add_argument("--method", help="method label recorded in the artifact (e.g. moco-v2)")
+    conv.add_argument("--highpass-sigma", type=float, help="MSCN high-pass sigma the backbone needs at test time")
+    conv.add_argument("--allow-partial-load", action="store_true", help="write even if trunk tensors are missing")
+    add_layout_options(conv)
+    conv.set_defaults(fn=cmd_backbone_convert)
+
+    ins = sub.add_parser("inspect", help="detected format, architecture and load audit of a checkpoint")
+    ins.add_argument("file")
+    add_layout_options(ins)
+    ins.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from transfer.artifact import ArtifactError
+    from benchmarks.spec import SpecError
+
+    try:
+        args.fn(args)
+    except (ArtifactError, SpecError, FloatingPointError) as e:
+        sys.exit(f"bench {args.verb}: error: {e}")
+    except Exception as e:
+        from benchmarks.datasets import LayoutError
+
+        if isinstance(e, LayoutError):
+            sys.exit(f"bench {args.verb}: error: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    main()
