@@ -131,14 +131,17 @@ def _dist_version(dist: str, module: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def git_rev() -> str:
-    """`git rev-parse HEAD` of the repository holding this file, or 'unknown'."""
+    """`git rev-parse HEAD` of the repository holding this file (+"+dirty" when tracked files changed),
+    or 'unknown' outside git."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     rev = out.stdout.strip()
-    return rev if out.returncode == 0 and rev else "unknown"
+    return (rev + ("+dirty" if dirty else "")) if out.returncode == 0 and rev else "unknown"
 
 
 # -------------------------------------------------------------------------------------------------- validation

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -224,15 +223,9 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
 
 def code_version() -> str:
     """git revision of this checkout (with '+dirty' when modified), or 'unknown' outside git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev + ("+dirty" if dirty else "")) if rev else "unknown"
+    from leaderboard.records import git_rev
+
+    return git_rev()
 
 
 def save_artifact(path: str | os.PathLike, artifact: BackboneArtifact) -> Path:
