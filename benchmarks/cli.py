@@ -24,12 +24,37 @@ def cmd_run(args) -> None:
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "crop_size": args.crop_size,
                  "resize_size": args.resize_size, "lr": args.lr}
     opts = RunOptions(benchmark=args.benchmark, backbone=args.backbone, data_root=args.data_root,
-                      recipe=args.recipe, mode=args.mode, trials=args.trials, seed=args.seed, out=args.out,
+                      recipe=args.recipe, mode=args.mode, trials=args.trials, first_trial=args.first_trial,
+                      seed=args.seed, out=args.out,
                       budget=args.budget, overrides=overrides, arch=args.arch, method=args.method, name=args.name,
                       allow_partial_load=args.allow_partial_load, device=args.device, cache_dir=args.cache_dir,
                       state_key=args.state_key, prefix=args.prefix,
                       **({"workers": args.workers} if args.workers is not None else {}))
     run_benchmark(opts)
+
+
+def cmd_sweep(args) -> None:
+    from benchmarks.sweep import SweepConfig, sweep
+
+    cfg = SweepConfig(backbones=args.backbones, benchmarks=args.benchmarks, trials=args.trials,
+                      data_root=str(Path(args.data_root).resolve()), out=str(Path(args.out).resolve()),
+                      run_args=args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args,
+                      recipe=args.recipe, mode=args.mode, budget=args.budget, seed=args.seed)
+    slurm = {"partition": args.partition, "time_min": args.time, "gpus": args.gpus, "constraint": args.constraint,
+             "cluster": args.cluster}
+    outcome = sweep(cfg, launcher=args.launcher, slurm=slurm)
+    if outcome.get("failed"):
+        sys.exit(f"bench sweep: {outcome['failed']} cells failed; see `bench status --out {args.out}`")
+
+
+def cmd_status(args) -> None:
+    from benchmarks.sweep import status
+
+    rows = status(args.out)
+    for cell, state, detail in rows:
+        print(f"{state:<8} {cell}  {detail}")
+    counts = {s: sum(r[1] == s for r in rows) for s in ("done", "running", "failed", "missing")}
+    print("  ".join(f"{k}={v}" for k, v in counts.items()))
 
 
 def cmd_report(args) -> None:
@@ -103,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recipe", help="recipe id (default: the benchmark's default)")
     r.add_argument("--mode", choices=["cached", "protocol"], help="linear probes: cached (default) or protocol")
     r.add_argument("--trials", type=int, help="number of trials (seeds seed..seed+N-1)")
+    r.add_argument("--first-trial", type=int, default=0, help="index of the first trial (seed = seed + index)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="results", help="results folder (default ./results)")
     r.add_argument("--budget", help="non-protocol preset for CPU/miniature runs, e.g. tiny (recorded)")
@@ -120,6 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, help="data-loading workers (default min(4, cores))")
     r.add_argument("--cache-dir", default=str(CACHE_ROOT / "features"), help="feature cache for --mode cached")
     r.set_defaults(fn=cmd_run)
+
+    sw = sub.add_parser("sweep", help="run backbones x benchmarks x trials; skips cells whose records exist")
+    sw.add_argument("--backbones", nargs="+", required=True)
+    sw.add_argument("--benchmarks", nargs="+", required=True)
+    sw.add_argument("--trials", type=int, default=1)
+    sw.add_argument("--data-root", required=True)
+    sw.add_argument("--out", default="results")
+    sw.add_argument("--recipe")
+    sw.add_argument("--mode", choices=["cached", "protocol"])
+    sw.add_argument("--budget")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                    help="local: one cell after another here; slurm: one submitit job array")
+    sw.add_argument("--partition", help="SLURM partition")
+    sw.add_argument("--time", type=int, default=240, help="SLURM time limit per cell, minutes")
+    sw.add_argument("--gpus", type=int, default=1, help="GPUs per cell")
+    sw.add_argument("--constraint", help="SLURM constraint")
+    sw.add_argument("--cluster", help="submitit cluster override: slurm, local or debug")
+    sw.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: extra `bench run` arguments")
+    sw.set_defaults(fn=cmd_sweep)
+
+    st = sub.add_parser("status", help="done / running / failed (with log) / missing cells of a sweep")
+    st.add_argument("--out", default="results")
+    st.set_defaults(fn=cmd_status)
 
     rep = sub.add_parser("report", help="leaderboard tables: measured rows (mean ± std) beside published rows")
     rep.add_argument("--results", default="results", help="results folder (default ./results)")

@@ -24,6 +24,7 @@ class RunOptions:
     recipe: str | None = None
     mode: str | None = None
     trials: int | None = None
+    first_trial: int = 0
     seed: int = 0
     out: str = "results"
     budget: str | None = None
@@ -72,7 +73,7 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
                      "hash": backbone.artifact_meta["weights_hash"], "path": str(Path(opts.backbone).resolve()),
                      "arch": backbone.arch, "method": prov.get("method", "external"), "epochs": prov.get("epochs")}
     written = []
-    for trial in range(trials):
+    for trial in range(opts.first_trial, opts.first_trial + trials):
         seed = opts.seed + trial
         t0 = time.perf_counter()
         result, engine_cfg = engine(spec, backbone, cfg, mode, seed, device, opts)
