@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
@@ -35,17 +36,26 @@ FEATURE_CACHE_VERSION = "features/1"
 
 # ----------------------------------------------------------------------------------------------- data
 class ImageList(Dataset):
-    """(path, label) samples -> (float RGB tensor in [0, 1], label)."""
+    """(path, label) samples -> (float RGB tensor in [0, 1], label).
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: Callable):
-        self.samples, self.transform = samples, transform
+    With a `seed`, sample i's random transform draws from its own generator seeded by (seed, epoch, i), so the
+    augmentations do not depend on worker count, batch order or how samples are sharded across ranks.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Callable, seed: int | None = None):
+        self.samples, self.transform, self.seed, self.epoch = samples, transform, seed, 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        return self.transform(open_image(path)), label
+        image = open_image(path)
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + i)
+            return self.transform(image), label
 
 
 def train_transform(crop_size: int) -> T.Compose:
@@ -58,12 +68,6 @@ def test_transform(resize_size: int, crop_size: int) -> T.Compose:
                       T.ToImage(), T.ToDtype(torch.float32, scale=True)])
 
 
-def loader(samples, transform, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ImageList(samples, transform), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
-
-
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of train indices into (fit, held-out)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -71,18 +75,56 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(order[n_hold:]), sorted(order[:n_hold])
 
 
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(local: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows held by each rank (at global positions `index`) -> the full (total, ...) tensor on every rank."""
+    rank, world = dist_info()
+    if world == 1:
+        return local
+    size = math.ceil(total / world)
+    pad = lambda t, fill: torch.cat([t, t.new_full((size - len(t), *t.shape[1:]), fill)])  # noqa: E731
+    rows = [torch.empty((size, *local.shape[1:]), dtype=local.dtype) for _ in range(world)]
+    where = [torch.empty(size, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(rows, pad(local, 0))
+    dist.all_gather(where, pad(index, -1))
+    out = local.new_empty((total, *local.shape[1:]))
+    for r, w in zip(rows, where):
+        out[w[w >= 0]] = r[w >= 0]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- features
 @torch.no_grad()
-def extract_features(backbone: Backbone, data: DataLoader, device: torch.device, desc: str):
-    """Pooled trunk features (float32, CPU) and labels for every sample of `data`, in order."""
+def trunk_features(backbone: Backbone, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Features of one batch from a backbone already in eval mode on `device`."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return backbone(images.to(device, non_blocking=True)).float().cpu()
+
+
+def extract_features(backbone: Backbone, samples, transform, device, batch_size: int, workers: int, desc: str,
+                     seed: int | None = None):
+    """Pooled trunk features (float32, CPU) and labels of every sample, in order.
+
+    Under torch.distributed each rank extracts every world-th sample and the rows are gathered on all ranks.
+    """
+    rank, world = dist_info()
     backbone.eval().to(device)
+    mine = torch.arange(rank, len(samples), world)
+    data = DataLoader(Subset(ImageList(samples, transform, seed), mine.tolist()), batch_size=batch_size,
+                      num_workers=workers, pin_memory=torch.cuda.is_available())
     feats, labels = [], []
-    for images, y in tqdm(data, desc=desc, leave=False, dynamic_ncols=True):
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats.append(backbone(images).float().cpu())
+    for images, y in tqdm(data, desc=desc, leave=False, dynamic_ncols=True, disable=rank > 0):
+        feats.append(trunk_features(backbone, images, device))
         labels.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(labels)
+    feats = torch.cat(feats) if feats else torch.empty(0, backbone.dim)
+    labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    return gather_rows(feats, mine, len(samples)), gather_rows(labels, mine, len(samples))
 
 
 def cache_key(backbone: Backbone, split: ClassificationSplit, transform, pass_seed: int | None) -> str:
@@ -102,14 +144,13 @@ def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, devi
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         return blob["features"], blob["labels"], True
-    if pass_seed is not None:
-        torch.manual_seed(pass_seed)
-    data = loader(split.samples, transform, batch_size, workers, seed=pass_seed or 0)
-    feats, labels = extract_features(backbone, data, device, desc)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"features": feats, "labels": labels}, tmp)
-    os.replace(tmp, path)
+    feats, labels = extract_features(backbone, split.samples, transform, device, batch_size, workers, desc,
+                                     seed=pass_seed)
+    if dist_info()[0] == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"features": feats, "labels": labels}, tmp)
+        os.replace(tmp, path)
     return feats, labels, False
 
 
@@ -182,7 +223,7 @@ def fit_heads(heads: LinearHeads, epoch_batches: Callable[[int], Iterable], step
     optimizer = make_optimizer(cfg, groups)
     lr_per_head = torch.tensor(lrs, device=device).view(-1, 1)
     losses, step = [], 0
-    bar = tqdm(range(cfg["epochs"]), desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(cfg["epochs"]), desc=desc, leave=False, dynamic_ncols=True, disable=dist_info()[0] > 0)
     for epoch in bar:
         for x, y in epoch_batches(epoch):
             factor = lr_factor(cfg, step / steps_per_epoch)
@@ -245,31 +286,39 @@ def head_for(backbone: Backbone, num_classes: int, num_heads: int) -> LinearHead
 
 def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit, cfg: dict, seed: int, device,
                  workers: int) -> dict:
-    """The reference recipe: fresh augmented crops every epoch through the frozen trunk, one head."""
+    """The reference recipe: fresh augmented crops every epoch through the frozen trunk, one head.
+
+    Each global batch is split across ranks for the trunk; the gathered features train the head identically on
+    every rank, so N processes give the 1-process result for the same global batch.
+    """
     torch.manual_seed(seed)
+    rank, world = dist_info()
     backbone.eval().to(device)
     heads = head_for(backbone, val.num_classes, 1)
     lr = scaled_lr(cfg)
-    data = loader(train.samples, train_transform(cfg["crop_size"]), cfg["batch_size"], workers, shuffle=True,
-                  seed=seed)
+    images = ImageList(train.samples, train_transform(cfg["crop_size"]), seed=seed)
+    steps = math.ceil(len(images) / cfg["batch_size"])
 
     def epoch_batches(epoch):
-        for images, y in data:
-            if len(y) < 2:
-                continue
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                feats = backbone(images.to(device, non_blocking=True)).float()
-            yield feats, y
+        images.epoch = epoch
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        batches = [order[i:i + cfg["batch_size"]] for i in range(0, len(order), cfg["batch_size"])]
+        batches = [b for b in batches if len(b) >= max(2, world)]  # BatchNorm needs 2; every rank needs 1
+        shards = [b[rank::world].tolist() for b in batches]
+        data = DataLoader(images, batch_sampler=shards, num_workers=workers, pin_memory=torch.cuda.is_available())
+        for batch, (x, y) in zip(batches, data):
+            local = torch.arange(rank, len(batch), world)
+            yield (gather_rows(trunk_features(backbone, x, device), local, len(batch)),
+                   gather_rows(torch.as_tensor(y), local, len(batch)))
 
     t0 = time.perf_counter()
-    losses = fit_heads(heads, epoch_batches, len(data), cfg, [lr], device, desc="protocol epochs")
+    losses = fit_heads(heads, epoch_batches, steps, cfg, [lr], device, desc="protocol epochs")
     t_train = time.perf_counter() - t0
-    val_feats, val_labels = extract_features(
-        backbone, loader(val.samples, test_transform(cfg["resize_size"], cfg["crop_size"]), cfg["batch_size"],
-                         workers), device, "val features")
+    val_feats, val_labels = extract_features(backbone, val.samples, test_transform(cfg["resize_size"],
+                                             cfg["crop_size"]), device, cfg["batch_size"], workers, "val features")
     top1, top5 = evaluate_heads(heads, val_feats, val_labels, device)
     return {"metrics": {"top1": top1[0], "top5": top5[0]},
-            "extra": {"lr": lr, "final_loss": losses[-1], "steps": len(losses)},
+            "extra": {"lr": lr, "final_loss": losses[-1], "steps": len(losses), "world_size": world},
             "timings": {"train_s": t_train, "eval_s": time.perf_counter() - t0 - t_train}}
 
 
