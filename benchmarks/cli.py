@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,10 @@ def cmd_list(args) -> None:
 
 def cmd_run(args) -> None:
     from benchmarks.runner import RunOptions, run_benchmark
+    from benchmarks.spec import get_spec
+
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ and get_spec(args.benchmark).task != "detection":
+        relaunch_under_torchrun(args.gpus)
 
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "crop_size": args.crop_size,
                  "resize_size": args.resize_size, "lr": args.lr}
@@ -28,9 +33,21 @@ def cmd_run(args) -> None:
                       seed=args.seed, out=args.out,
                       budget=args.budget, overrides=overrides, arch=args.arch, method=args.method, name=args.name,
                       allow_partial_load=args.allow_partial_load, device=args.device, cache_dir=args.cache_dir,
-                      state_key=args.state_key, prefix=args.prefix,
+                      state_key=args.state_key, prefix=args.prefix, num_gpus=args.gpus,
                       **({"workers": args.workers} if args.workers is not None else {}))
     run_benchmark(opts)
+
+
+def relaunch_under_torchrun(nproc: int) -> None:
+    """Re-run this `bench run` command as `torchrun --nproc-per-node N` (one process per GPU, or gloo
+    processes on a CPU-only machine) and exit with its status."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "benchmarks.cli", *argv]
+    print(f"bench run: launching {nproc} processes: {' '.join(cmd)}", flush=True)
+    sys.exit(subprocess.call(cmd))
 
 
 def cmd_sweep(args) -> None:
@@ -143,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-partial-load", action="store_true",
                    help="accept a checkpoint that leaves trunk weights uninitialised (recorded, non-protocol)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    r.add_argument("--gpus", type=int, default=1,
+                   help="processes (one per GPU): torchrun for linear probes and mmseg, the detection engine's own "
+                        "launcher for detection; on a CPU-only machine N gloo processes. The global batch is kept.")
     r.add_argument("--workers", type=int, help="data-loading workers (default min(4, cores))")
     r.add_argument("--cache-dir", default=str(CACHE_ROOT / "features"), help="feature cache for --mode cached")
     r.set_defaults(fn=cmd_run)

@@ -36,14 +36,29 @@ class RunOptions:
     name: str | None = None
     allow_partial_load: bool = False
     device: str = "auto"
+    num_gpus: int = 1
     workers: int = min(4, os.cpu_count() or 1)
     cache_dir: str = str(CACHE_ROOT / "features")
 
 
 def pick_device(name: str) -> torch.device:
+    """The device for this process: `name`, or under torchrun/auto the local rank's GPU (else the CPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> int:
+    """Join the torchrun process group when launched by torchrun (nccl on GPUs, gloo on CPU); returns rank."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def check_backbone_fits(spec: BenchmarkSpec, family: str, path: str) -> None:
@@ -58,6 +73,10 @@ def check_backbone_fits(spec: BenchmarkSpec, family: str, path: str) -> None:
 def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
     """Run every trial of one benchmark on one backbone; returns the written record paths."""
     spec = get_spec(opts.benchmark)
+    device = pick_device(opts.device)
+    rank = init_distributed(device) if spec.task != "detection" else 0  # detection launches its own workers
+    if rank > 0:
+        log = lambda *a, **k: None  # noqa: E731  (rank 0 logs and writes the records)
     mode = opts.mode or spec.default_mode
     cfg, overrides = resolve(spec, opts.recipe, opts.budget, opts.overrides)
     backbone, report = load_backbone(opts.backbone, arch=opts.arch, method=opts.method,
@@ -66,7 +85,6 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
     check_backbone_fits(spec, backbone.family, opts.backbone)
     log(report.summary())
     engine = ENGINES[spec.task]
-    device = pick_device(opts.device)
     trials = opts.trials or spec.trials
     prov = backbone.artifact_meta["provenance"]
     backbone_info = {"name": opts.name or Path(opts.backbone).name.split(".")[0],
@@ -80,7 +98,8 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
         timings = {**result.get("timings", {}), "total_s": time.perf_counter() - t0}
         config = {"benchmark": spec.name, "task": spec.task, "dataset": spec.dataset, "recipe": cfg,
                   "mode": mode, "engine": engine_cfg, "data_root": str(Path(opts.data_root).resolve()),
-                  "device": str(device), "workers": opts.workers, "seed": seed, "budget": opts.budget,
+                  "device": str(device), "world_size": int(os.environ.get("WORLD_SIZE", opts.num_gpus)),
+                  "workers": opts.workers, "seed": seed, "budget": opts.budget,
                   "backbone": {**backbone_info, "preprocessing": backbone.artifact_meta["preprocessing"],
                                "arch_kwargs": backbone.artifact_meta["arch_kwargs"], "provenance": prov,
                                "load_audit": report.to_dict()},
@@ -89,6 +108,8 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
                             mode=mode, backbone=backbone_info, trial=trial, seed=seed, metrics=result["metrics"],
                             config=config, overrides=overrides, allow_partial_load=opts.allow_partial_load,
                             timings=timings, extra=result.get("extra"))
+        if rank > 0:
+            continue
         path = write_record(opts.out, record)
         written.append(path)
         shown = "  ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items())
