@@ -298,7 +298,8 @@ def _reject_constant(name: str):
 
 
 def iter_records(results_dir, strict: bool = False):
-    """Yield (path, record) for every valid *.json record under `results_dir` (recursively, sorted by path).
+    """Yield (path, record) for every valid *.json record under `results_dir` (recursively, sorted by path,
+    skipping hidden folders).
 
     Invalid files and repeated run_ids are skipped with a RecordWarning naming the file and the reason;
     with strict=True they raise RecordError instead.
@@ -308,6 +309,8 @@ def iter_records(results_dir, strict: bool = False):
         return
     seen = {}
     for path in sorted(folder.rglob("*.json")):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts[:-1]):
+            continue  # bookkeeping folders (e.g. a sweep's .sweep/ state files) hold no records
         try:
             rec = read_record(path)
             if rec["run_id"] in seen:
