@@ -3,6 +3,7 @@ and write one result record per trial (with the fully resolved config inside).""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import sys
 import time
@@ -13,7 +14,6 @@ import torch
 from benchmarks.spec import CACHE_ROOT, BenchmarkSpec, SpecError, get_spec, resolve
 from leaderboard.records import new_record, write_record
 from transfer.loading import load_backbone
-
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
                                      prefix=opts.prefix)
     check_backbone_fits(spec, backbone.family, opts.backbone)
     log(report.summary())
-    engine = ENGINES[spec.task]
+    engine = load_engine(spec.task)
     trials = opts.trials or spec.trials
     prov = backbone.artifact_meta["provenance"]
     backbone_info = {"name": opts.name or Path(opts.backbone).name.split(".")[0],
@@ -139,4 +139,14 @@ def run_linear(spec: BenchmarkSpec, backbone, cfg: dict, mode: str, seed: int, d
     raise SpecError(f"benchmark {spec.name} has no mode {mode!r}; modes: protocol, cached")
 
 
-ENGINES = {"linear": run_linear}
+# task -> "module:function"; each engine is imported only when a benchmark of its task runs, and is called as
+# engine(spec, backbone, cfg, mode, seed, device, opts) -> (result {"metrics", "timings"?, "extra"?}, engine_cfg {"name", ...})
+ENGINES = {"linear": "benchmarks.runner:run_linear",
+           "detection": "transfer.detection:run_detection",
+           "segmentation": "transfer.segmentation:run_segmentation"}
+
+
+def load_engine(task: str):
+    """The engine function for a benchmark task (imported lazily: detection and mmseg stacks are heavy)."""
+    module, name = ENGINES[task].split(":")
+    return getattr(importlib.import_module(module), name)
