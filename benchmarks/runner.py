@@ -79,9 +79,11 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
         log = lambda *a, **k: None  # noqa: E731  (rank 0 logs and writes the records)
     mode = opts.mode or spec.default_mode
     cfg, overrides = resolve(spec, opts.recipe, opts.budget, opts.overrides)
+    # ViT/ConvViT position embeddings follow the recipe's crop (resampled, noted in the audit), as in MAE's probes
+    img_size = cfg.get("crop_size") if spec.task == "linear" else None
     backbone, report = load_backbone(opts.backbone, arch=opts.arch, method=opts.method,
                                      allow_partial=opts.allow_partial_load, state_key=opts.state_key,
-                                     prefix=opts.prefix)
+                                     prefix=opts.prefix, img_size=img_size)
     check_backbone_fits(spec, backbone.family, opts.backbone)
     log(report.summary())
     engine = load_engine(spec.task)
@@ -126,7 +128,8 @@ def run_linear(spec: BenchmarkSpec, backbone, cfg: dict, mode: str, seed: int, d
     train = load_classification(spec.dataset, opts.data_root, "train")
     val = load_classification(spec.dataset, opts.data_root, "val")
     engine_cfg = {"name": "torch-linear", "head": "bn+linear" if backbone.family == "resnet" else "bn(no affine)+linear",
-                  "features": "res5 global average pool" if backbone.family == "resnet" else "CLS token",
+                  "features": {"resnet": "res5 global average pool", "vit": "CLS token",
+                               "convvit": "mean of the normalised stage-3 tokens"}[backbone.family],
                   "num_classes": val.num_classes, "train_images": len(train.samples),
                   "val_images": len(val.samples), "evaluation": "after the last epoch"}
     if mode == "protocol":

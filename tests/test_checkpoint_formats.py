@@ -275,3 +275,50 @@ def test_missing_tensor_in_any_layout_is_refused(tmp_path, r50):
     del sd["module.encoder_q.layer2.1.bn2.running_var"]
     with pytest.raises(CheckpointError, match="layer2.1.bn2.running_var"):
         to_artifact(save(tmp_path, "broken.pth.tar", {"state_dict": sd}))
+
+
+@pytest.fixture(scope="module")
+def convvit_b():
+    torch.manual_seed(4)
+    state = _randomised(build_backbone("convvit_base"))
+    from transfer.convvit import sincos_pos_embed
+
+    state["pos_embed"] = sincos_pos_embed(768, 14)  # fixed in the released encoder
+    return state
+
+
+def test_convmae_release_and_pretrain_checkpoint(tmp_path, convvit_b):
+    released = {"model": dict(convvit_b)}  # convmae_base.pth: encoder only
+    check_exact(save(tmp_path, "convmae_base.pth", released), convvit_b, expect_format="convmae",
+                expect_arch="convvit_base")
+    full = dict(convvit_b)  # the pretraining checkpoint.pth: decoder, mask token and fusion convs ride along
+    full.update({"mask_token": torch.randn(1, 1, 512), "decoder_embed.weight": torch.randn(512, 768),
+                 "decoder_pos_embed": torch.randn(1, 196, 512), "decoder_blocks.0.norm1.weight": torch.ones(512),
+                 "decoder_pred.weight": torch.randn(768, 512),
+                 "stage1_output_decode.weight": torch.randn(768, 256, 4, 4),
+                 "stage2_output_decode.weight": torch.randn(768, 384, 2, 2)})
+    ckpt = {"model": full, "optimizer": {}, "epoch": 1599, "scaler": {}, "args": argparse.Namespace(model="convmae")}
+    _, report = check_exact(save(tmp_path, "checkpoint-1599.pth", ckpt), convvit_b, expect_format="convmae")
+    assert report.dropped["stage1_output_decode.weight"] == "masked-image-modelling decoder"
+    assert report.dropped["decoder_pred.weight"] == "masked-image-modelling decoder"
+    assert report.count("matched") == len(convvit_b)
+
+
+def test_convmae_finetuned_drops_head_and_refuses_missing_stage(tmp_path, convvit_b):
+    finetuned = {k: v for k, v in convvit_b.items() if k != "norm.weight" and k != "norm.bias"}
+    finetuned.update({"head.weight": torch.randn(1000, 768), "fc_norm.weight": torch.ones(768)})
+    with pytest.raises(CheckpointError, match="uninitialised"):  # fine-tuning deletes `norm`: say so, don't guess
+        load_backbone(save(tmp_path, "convmae_ft.pth", {"model": finetuned}))
+    no_stage1 = {k: v for k, v in convvit_b.items() if not k.startswith("blocks1.")}
+    with pytest.raises(CheckpointError, match="matches no known preset"):
+        load_backbone(save(tmp_path, "convmae_cut.pth", {"model": no_stage1}))
+
+
+def test_convvit_pos_embed_regrid_with_note(tmp_path, convvit_b):
+    backbone, report = load_backbone(save(tmp_path, "convmae_base.pth", {"model": convvit_b}), img_size=64)
+    assert backbone.trunk.pos_embed.shape == (1, 16, 768)
+    assert any("sin-cos table recomputed 14x14 -> 4x4" in n for n in report.notes), report.notes
+    from transfer.convvit import sincos_pos_embed
+
+    assert torch.allclose(backbone.trunk.pos_embed, sincos_pos_embed(768, 4))
+    assert backbone(torch.rand(1, 3, 64, 64)).shape == (1, 768)

@@ -26,6 +26,7 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VIT_ARCHS = ("vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_large_patch16")
+CONVVIT_ARCHS = ("convvit_tiny", "convvit_base")  # transfer/convvit.py PRESETS
 
 
 class ArtifactError(ValueError):
@@ -82,14 +83,15 @@ def arch_family(arch: str) -> str:
         return "vit"
     if arch.startswith("convvit"):
         return "convvit"
-    raise ArtifactError(f"unknown architecture {arch!r}; known: {', '.join(RESNET_ARCHS + VIT_ARCHS)}")
+    raise ArtifactError(f"unknown architecture {arch!r}; known: {', '.join(RESNET_ARCHS + VIT_ARCHS + CONVVIT_ARCHS)}")
 
 
 def build_backbone(arch: str, **arch_kwargs) -> nn.Module:
-    """The trunk alone, returning pooled features: torchvision ResNet (fc = Identity) or timm ViT (no head).
+    """The trunk alone, returning pooled features: torchvision ResNet (fc = Identity), timm ViT (no head) or
+    ConvMAE's ConvViT (mean of the normalised stage-3 tokens).
 
-    `width` (ResNet) scales every stage's channels, for slim CPU-scale backbones; `img_size` (ViT) sets the
-    position-embedding grid.
+    `width` (ResNet) scales every stage's channels, for slim CPU-scale backbones; `img_size` (ViT, ConvViT) sets
+    the position-embedding grid.
     """
     family = arch_family(arch)
     if family == "resnet":
@@ -105,7 +107,12 @@ def build_backbone(arch: str, **arch_kwargs) -> nn.Module:
         import timm
 
         return timm.create_model(f"{arch}_224", pretrained=False, num_classes=0, **arch_kwargs)
-    raise ArtifactError(f"architecture {arch!r} has no builder yet (ConvViT lands with the ConvMAE issue)")
+    from transfer.convvit import build_convvit
+
+    try:
+        return build_convvit(arch, **arch_kwargs)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
 
 
 def _slim_resnet(arch: str, width: int) -> nn.Module:

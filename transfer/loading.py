@@ -49,6 +49,11 @@ _HEADS = (
 )
 
 
+def _convvit_key(key: str) -> str | None:
+    """ConvMAE's encoder keys pass; anything else is not part of a ConvViT trunk."""
+    return key if re.match(r"(patch_embed[1-4]|blocks[1-3])\.|pos_embed$|norm\.", key) else None
+
+
 def _detectron2_to_torchvision(key: str) -> str | None:
     """Reverse of the MoCo/VISSL detectron2 renaming; None for keys outside the ResNet trunk."""
     key = re.sub(r"^(backbone\.(bottom_up\.)?|roi_heads\.)", "", key)
@@ -84,6 +89,8 @@ LAYOUTS = (
     Layout("detectron2", "", ((r"^(proposal_generator|roi_heads\.(box|mask)_(predictor|head))\.",
                                "detection heads"),), rename=_detectron2_to_torchvision,
            about="detectron2 .pkl/.pth (MoCo/VISSL converters, trained C4/FPN models)"),
+    Layout("convmae", "", _HEADS, method="convmae", rename=_convvit_key,
+           about="ConvMAE/ConvViT encoder checkpoints (`model` entry; decoder and fusion convs dropped)"),
     Layout("torchvision", "", _HEADS,
            about="torchvision/timm state dicts; MAE, SiameseIM, DINO/Barlow/VICReg/SimCLR/BYOL releases"),
 )
@@ -320,7 +327,7 @@ def detect_layout(state: dict[str, torch.Tensor], prefix: str | None = None) -> 
 
 
 def _looks_like_trunk(key: str) -> bool:
-    return bool(re.match(r"(conv1|bn1|layer[1-4]|patch_embed|blocks|cls_token|pos_embed|norm)\b", key))
+    return bool(re.match(r"(conv1|bn1|layer[1-4]|patch_embed[1-4]?|blocks[1-3]?|cls_token|pos_embed|norm)\b", key))
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
@@ -343,7 +350,24 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
         tokens = state["pos_embed"].shape[1] - 1 if "pos_embed" in state else 196
         grid = int(round(tokens ** 0.5))
         return f"vit_{size}_patch16", ({} if grid == 14 else {"img_size": grid * 16})
+    if "patch_embed1.proj.weight" in state:
+        return _infer_convvit(state)
     raise CheckpointError("cannot infer the architecture from the keys; pass --arch")
+
+
+def _infer_convvit(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    from transfer.convvit import PRESETS
+
+    dims = tuple(int(state[f"patch_embed{i}.proj.weight"].shape[0]) for i in (1, 2, 3)
+                 if f"patch_embed{i}.proj.weight" in state)
+    depths = tuple(len({k.split(".")[1] for k in state if k.startswith(f"blocks{i}.")}) for i in (1, 2, 3))
+    for arch, preset in PRESETS.items():
+        if tuple(preset["embed_dims"]) == dims and tuple(preset["depths"]) == depths:
+            grid = int(round(state["pos_embed"].shape[1] ** 0.5)) if "pos_embed" in state \
+                else preset["img_size"] // 16
+            return arch, ({} if grid * 16 == preset["img_size"] else {"img_size": grid * 16})
+    raise CheckpointError(f"ConvViT with dims {dims} and depths {depths} matches no known preset "
+                          "(" + ", ".join(f"{a}: {p['embed_dims']}/{p['depths']}" for a, p in PRESETS.items()) + "); pass --arch")
 
 
 # ----------------------------------------------------------------------------------------------- audit
@@ -353,7 +377,7 @@ def audit(model_state: dict[str, torch.Tensor], ckpt_state: dict[str, torch.Tens
 
     def bucket(key: str) -> dict[str, list[str]]:
         parts = key.split(".")
-        name = ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 1 else parts[0]
+        name = ".".join(parts[:2]) if re.fullmatch(r"blocks\d?", parts[0]) and len(parts) > 1 else parts[0]
         return modules.setdefault(name, {"matched": [], "missing": [], "unexpected": [], "shape_mismatch": []})
 
     for key, value in model_state.items():
@@ -391,8 +415,7 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
     else:
         layout = detect_layout(tensors, prefix)
         trunk, dropped = map_keys(tensors, layout)
-        inferred, arch_kwargs = infer_arch(trunk) if arch is None or arch.startswith(("resnet", "vit_")) \
-            else (arch, {})
+        inferred, arch_kwargs = infer_arch(trunk)
         if arch is not None and arch != inferred:
             raise CheckpointError(f"{path}: holds a {inferred} backbone ({layout.name} layout) but --arch {arch} "
                                   "was asked for")
@@ -403,8 +426,8 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
         fmt = layout.name
     if method:
         art.provenance["method"] = method
-    if img_size and art.family == "vit":
-        notes += _resize_vit(art, img_size)
+    if img_size and art.family in ("vit", "convvit"):
+        notes += _resize_pos_embed(art, img_size)
     model = build_backbone(art.arch, **art.arch_kwargs)
     report = LoadReport(str(path), fmt, art.arch, audit(model.state_dict(), art.state_dict), dropped, notes)
     if not report.ok and not allow_partial:
@@ -415,21 +438,29 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
     return art, report
 
 
-def _resize_vit(art: BackboneArtifact, img_size: int) -> list[str]:
-    """Rebuild the ViT for `img_size`, bicubically resampling pos_embed to the new patch grid."""
+def _resize_pos_embed(art: BackboneArtifact, img_size: int) -> list[str]:
+    """Rebuild a ViT/ConvViT for `img_size`: ViT pos_embed resampled bicubically (class token kept), a
+    ConvViT's fixed sin-cos table recomputed for the new grid."""
     from timm.layers import resample_abs_pos_embed
 
+    from transfer.convvit import PRESETS, resample_pos_embed
+
     pos = art.state_dict.get("pos_embed")
-    old = art.arch_kwargs.get("img_size", 224)
+    old = art.arch_kwargs.get("img_size", PRESETS.get(art.arch, {}).get("img_size", 224))
     if old == img_size:
         return []
     art.arch_kwargs = {**art.arch_kwargs, "img_size": img_size}
     if pos is None:
         return [f"rebuilt for {img_size} px (no pos_embed in the checkpoint)"]
     grid = img_size // 16
-    art.state_dict = {**art.state_dict, "pos_embed": resample_abs_pos_embed(pos, (grid, grid), num_prefix_tokens=1)}
-    old_grid = int(round((pos.shape[1] - 1) ** 0.5))
-    return [f"pos_embed interpolated {old_grid}x{old_grid} -> {grid}x{grid} for {img_size} px inputs"]
+    if art.family == "convvit":
+        table, how = resample_pos_embed(pos, grid)
+    else:
+        table = resample_abs_pos_embed(pos, (grid, grid), num_prefix_tokens=1)
+        old_grid = int(round((pos.shape[1] - 1) ** 0.5))
+        how = f"pos_embed interpolated {old_grid}x{old_grid} -> {grid}x{grid}"
+    art.state_dict = {**art.state_dict, "pos_embed": table}
+    return [f"{how} for {img_size} px inputs"]
 
 
 def load_backbone(path: str | Path, arch: str | None = None, method: str | None = None,
