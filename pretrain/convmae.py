@@ -1,0 +1,101 @@
+"""ConvMAE (Gao et al., NeurIPS'22): a masked autoencoder on the hybrid ConvViT encoder.
+
+75% of the stage-3 (stride-16) tokens are masked per image; the mask is upsampled to stages 1-2, where it
+multiplies the depthwise-conv inputs (masked convolution), and the transformer stage sees the visible tokens
+only. Stage-1/2 features, brought to stride 16 by block-aligned convs, are added to the visible stage-3 tokens
+before the final norm (multi-scale fusion). A ViT decoder predicts the normalised 16x16 pixels of the masked
+patches; the loss is the MSE over masked patches only. Only the encoder is exported.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from transfer.convvit import ConvViT, sincos_pos_embed
+
+PATCH = 16  # pixels per stage-3 token (4 * 2 * 2)
+
+
+def patchify(images: torch.Tensor, p: int = PATCH) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, H/p * W/p, p*p*3), patches in raster order, pixels (row, col, channel)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, size: tuple[int, int], p: int = PATCH) -> torch.Tensor:
+    """Inverse of `patchify` for images of `size` (H, W)."""
+    b = patches.shape[0]
+    h, w = size[0] // p, size[1] // p
+    x = patches.reshape(b, h, w, p, p, -1)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, -1, h * p, w * p)
+
+
+def random_masking(batch: int, tokens: int, ratio: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image random masks with the same masked count: (ids_keep (B, n), mask (B, N) 1 = masked, ids_restore)."""
+    keep = int(tokens * (1 - ratio))
+    ids_shuffle = torch.rand(batch, tokens, device=device).argsort(1)
+    ids_restore = ids_shuffle.argsort(1)
+    ids_keep = ids_shuffle[:, :keep].sort(1).values
+    mask = torch.ones(batch, tokens, device=device)
+    mask.scatter_(1, ids_keep, 0)
+    return ids_keep, mask, ids_restore
+
+
+def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class ConvMAE(nn.Module):
+    """ConvViT encoder + fusion convs + ViT decoder; `forward(images)` returns (loss, pred, mask)."""
+
+    def __init__(self, encoder: ConvViT, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+                 mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+        super().__init__()
+        d1, d2, d3 = encoder.embed_dims
+        self.encoder, self.mask_ratio, self.norm_pix_loss = encoder, mask_ratio, norm_pix_loss
+        self.stage1_output_decode = nn.Conv2d(d1, d3, 4, stride=4)
+        self.stage2_output_decode = nn.Conv2d(d2, d3, 2, stride=2)
+        self.decoder_embed = nn.Linear(d3, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_dim, encoder.grid), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, PATCH * PATCH * 3)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised visible stage-3 tokens with the fused stage-1/2 features, (B, n_visible, D)."""
+        grid = self.encoder.grid
+        s1, s2, tokens = self.encoder.forward_stages(images, keep=ids_keep, mask=mask.view(-1, grid, grid))
+        fused1 = _gather_tokens(self.stage1_output_decode(s1).flatten(2).transpose(1, 2), ids_keep)
+        fused2 = _gather_tokens(self.stage2_output_decode(s2).flatten(2).transpose(1, 2), ids_keep)
+        return self.encoder.norm(tokens + fused1 + fused2)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        b, n_visible, d = x.shape
+        x = torch.cat([x, self.mask_token.expand(b, ids_restore.shape[1] - n_visible, d)], dim=1)
+        x = _gather_tokens(x, ids_restore) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE over the pixels of each patch (per-patch standardised targets), averaged over masked patches."""
+        target = patchify(images).float()
+        if self.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        per_patch = ((pred.float() - target) ** 2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, images: torch.Tensor):
+        ids_keep, mask, ids_restore = random_masking(images.shape[0], self.encoder.grid ** 2, self.mask_ratio,
+                                                     images.device)
+        pred = self.forward_decoder(self.forward_encoder(images, ids_keep, mask), ids_restore)
+        return self.loss(images, pred, mask), pred, mask
