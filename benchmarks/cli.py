@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bb = sub.add_parser("backbone", help="backbone artifacts").add_subparsers(dest="backbone_verb", required=True)
     rnd = bb.add_parser("random", help="write a random-init artifact (the random-init reference row)")
-    rnd.add_argument("--arch", required=True, help="resnet18/34/50/101/152, vit_{tiny,small,base,large}_patch16, convvit_{tiny,base}")
+    rnd.add_argument("--arch", required=True,
+                     help="resnet18/34/50/101/152, vit_{tiny,small,base,large}_patch16, convvit_{tiny,base}")
     rnd.add_argument("--width", type=int, help="ResNet stem width (64 = standard; smaller = slim CPU variant)")
     rnd.add_argument("--seed", type=int, default=0)
     rnd.add_argument("-o", "--output", required=True)

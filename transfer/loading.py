@@ -415,7 +415,14 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
     else:
         layout = detect_layout(tensors, prefix)
         trunk, dropped = map_keys(tensors, layout)
-        inferred, arch_kwargs = infer_arch(trunk)
+        try:
+            inferred, arch_kwargs = infer_arch(trunk)
+        except CheckpointError as e:
+            if arch is None:
+                raise CheckpointError(f"{path}: {e}; pass --arch to audit it against a known architecture") from None
+            # the keys do not identify an architecture (e.g. blocks are missing): audit against the one asked for
+            width = trunk["conv1.weight"].shape[0] if "conv1.weight" in trunk else 64
+            inferred, arch_kwargs = arch, ({"width": int(width)} if arch.startswith("resnet") and width != 64 else {})
         if arch is not None and arch != inferred:
             raise CheckpointError(f"{path}: holds a {inferred} backbone ({layout.name} layout) but --arch {arch} "
                                   "was asked for")
