@@ -183,11 +183,14 @@ def test_mae_pretrain_checkpoint(tmp_path, vit_b):
 
 def test_siameseim_drops_momentum_and_decoders(tmp_path, vit_b):
     model = dict(vit_b)
+    model = {k: v for k, v in model.items() if not k.startswith("norm.")}  # the online encoder has no final norm
     model.update({f"mm_{k}": v + 1 for k, v in vit_b.items() if k.startswith(("blocks.0.", "patch_embed", "cls"))})
     model.update({"projector_decoder_blocks.0.norm1.weight": torch.ones(768), "decoder_pos_mlp.0.weight":
                   torch.randn(768, 16), "predictor_decoder_blocks.0.mlp.fc1.weight": torch.randn(3072, 768)})
-    _, report = check_exact(save(tmp_path, "sim_base_1600ep_pretrain.pth", {"model": model}), model,
-                            expect_arch="vit_base_patch16")
+    backbone, report = check_exact(save(tmp_path, "sim_base_1600ep_pretrain.pth", {"model": model}), model,
+                                   expect_arch="vit_base_patch16")
+    assert backbone.artifact_meta["arch_kwargs"] == {"final_norm": False}
+    assert isinstance(backbone.trunk.norm, torch.nn.Identity)
     assert report.dropped["mm_blocks.0.norm1.weight"] == "momentum / target encoder"
 
 

@@ -46,3 +46,13 @@ def test_image_size_must_divide_by_16_and_pyramid_strides():
     model = build_convvit("convvit_tiny", img_size=96)
     feats = model.forward_pyramid(torch.rand(1, 3, 96, 96))
     assert [f.shape[-1] for f in feats] == [24, 12, 6] and [f.shape[1] for f in feats] == [32, 48, 96]
+
+
+def test_sincos_table_has_mae_channel_order():
+    from transfer.convvit import sincos_pos_embed
+
+    table = sincos_pos_embed(8, 3)[0]  # dim 8: x channels [sin x, sin x/100, cos x, cos x/100], then the same for y
+    row, col = 1, 2
+    w = torch.tensor([1.0, 0.01])
+    expected = torch.cat([torch.sin(col * w), torch.cos(col * w), torch.sin(row * w), torch.cos(row * w)])
+    assert torch.allclose(table[row * 3 + col], expected, atol=1e-6)

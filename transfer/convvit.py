@@ -76,14 +76,15 @@ class ConvPatchEmbed(nn.Module):
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos table, (1, grid*grid, dim)."""
+    """MAE's fixed 2-D sin-cos table, (1, grid*grid, dim), raster order: the first dim/2 channels encode the
+    column (x), the last dim/2 the row (y), each as [sin(p*w), cos(p*w)] with w_k = 10000^(-k/(dim/4))."""
     def one_axis(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
-    table = np.concatenate([one_axis(dim // 2, gh), one_axis(dim // 2, gw)], axis=1)
+    table = np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
     return torch.from_numpy(table).float().unsqueeze(0)
 
 

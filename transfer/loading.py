@@ -349,7 +349,10 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
             raise CheckpointError(f"ViT with width {dim} and patch {patch} matches no known timm ViT")
         tokens = state["pos_embed"].shape[1] - 1 if "pos_embed" in state else 196
         grid = int(round(tokens ** 0.5))
-        return f"vit_{size}_patch16", ({} if grid == 14 else {"img_size": grid * 16})
+        kwargs = {} if grid == 14 else {"img_size": grid * 16}
+        if "norm.weight" not in state:  # SiameseIM's online encoder has no final LayerNorm
+            kwargs["final_norm"] = False
+        return f"vit_{size}_patch16", kwargs
     if "patch_embed1.proj.weight" in state:
         return _infer_convvit(state)
     raise CheckpointError("cannot infer the architecture from the keys; pass --arch")
