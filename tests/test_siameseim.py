@@ -1,0 +1,98 @@
+"""SiameseIM: relative positions, visible-only encoding, the UniGrad loss formula, exact EMA."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+from pretrain.siameseim import SiameseIM, block_mask, momentum_at, relative_pos_embed, unigrad_loss
+from transfer.convvit import sincos_pos_embed
+
+GRID, DIM = 8, 32
+
+
+def _crops(i1=0, j1=0, h1=64, w1=64, f1=0, i2=0, j2=0, h2=64, w2=64, f2=0, W=64):
+    return torch.tensor([[i1, j1, h1, w1, f1, i2, j2, h2, w2, f2, W]], dtype=torch.float64)
+
+
+def _model(norm="ln"):
+    torch.manual_seed(0)
+    encoder = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=48, depth=2,
+                                num_heads=3, num_classes=0, final_norm=False)
+    return SiameseIM(encoder, decoder_dim=DIM, projector_depth=1, predictor_depth=1, decoder_heads=2, norm=norm)
+
+
+def test_identical_crops_give_the_absolute_table_and_zero_scale_terms():
+    emb = relative_pos_embed(_crops(i1=5, j1=7, h1=40, w1=30, i2=5, j2=7, h2=40, w2=30), GRID, DIM)[0]
+    assert torch.allclose(emb[:, :DIM], sincos_pos_embed(DIM, GRID)[0], atol=1e-6)
+    scale = emb[:, DIM:].view(GRID * GRID, 2, 2, DIM // 4)  # (scale_h, scale_w) x (sin, cos)
+    assert torch.allclose(scale[:, :, 0], torch.zeros(1)) and torch.allclose(scale[:, :, 1], torch.ones(1))
+
+
+def test_offset_scale_and_flip_move_the_positions():
+    base = relative_pos_embed(_crops(), GRID, DIM)[0]
+    shifted = relative_pos_embed(_crops(j2=16), GRID, DIM)[0]  # view 2 starts 2 view-1 patches to the right
+    assert torch.allclose(shifted[:, :DIM // 2].view(GRID, GRID, -1)[:, :-2],
+                          base[:, :DIM // 2].view(GRID, GRID, -1)[:, 2:], atol=1e-6)
+    assert torch.allclose(shifted[:, DIM // 2:DIM], base[:, DIM // 2:DIM])  # rows unchanged
+    mirrored = relative_pos_embed(_crops(f2=1), GRID, DIM)[0].view(GRID, GRID, -1)[..., :DIM // 2]
+    assert torch.allclose(mirrored, base.view(GRID, GRID, -1)[..., :DIM // 2].flip(1), atol=1e-6)
+    zoomed = relative_pos_embed(_crops(h2=32), GRID, DIM)[0]
+    assert not torch.allclose(zoomed[:, DIM:], base[:, DIM:])
+
+
+def test_block_mask_has_the_fixed_count_and_blocks():
+    rng = np.random.default_rng(0)
+    masks = [block_mask(14, 118, rng) for _ in range(20)]
+    assert all(m.sum() == 118 for m in masks)
+    assert len({m.tobytes() for m in masks}) == 20
+    small = block_mask(8, 38, rng, min_patches=4)
+    assert small.sum() == 38
+
+
+def test_only_visible_tokens_enter_the_online_encoder():
+    model = _model().eval()
+    seen = []
+    model.encoder.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    view1, view2 = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    mask = torch.from_numpy(np.stack([block_mask(GRID, 38, np.random.default_rng(s), 4) for s in (1, 2)]))
+    crops = torch.cat([_crops(), _crops(j2=8)])
+    with torch.no_grad():
+        pred = model.predict(view1, mask, crops)
+        pixels = mask.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None].expand_as(view1)
+        pred_altered = model.predict(torch.where(pixels, torch.randn_like(view1), view1), mask, crops)
+    assert seen[0] == (2, 1 + 64 - 38, 48)
+    assert pred.shape == (2, 64, DIM) and torch.allclose(pred, pred_altered, atol=1e-6)
+
+
+def test_loss_matches_the_formula():
+    torch.manual_seed(1)
+    pred, target = torch.randn(2, 5, 6), torch.randn(2, 5, 6) * 3 + 1
+    p, t = pred.reshape(10, 6).double(), target.reshape(10, 6).double()
+    t = (t - t.mean(1, keepdim=True)) / (t.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    corr = sum(torch.outer(t[i], t[i]) for i in range(10)) / 10
+    pos = sum(((p[i] - t[i]) ** 2).sum() for i in range(10)) / 10
+    neg = sum(p[i] @ corr @ p[i] for i in range(10)) / 10
+    assert torch.allclose(unigrad_loss(pred, target, 0.02).double(), (pos + 0.02 * neg) / 6, atol=1e-5)
+    assert torch.allclose(unigrad_loss(torch.zeros(2, 5, 6), target), torch.tensor(1.0), atol=1e-4)
+    more = unigrad_loss(pred, target, 0.04) - unigrad_loss(pred, target, 0.0)
+    assert more > 0 and torch.allclose(more, 2 * (unigrad_loss(pred, target, 0.02) - unigrad_loss(pred, target, 0.0)))
+
+
+def test_ema_update_is_exact_and_target_gets_no_gradient():
+    model = _model(norm="bn").train()
+    loss = model(torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64),
+                 torch.from_numpy(np.stack([block_mask(GRID, 38, np.random.default_rng(s), 4) for s in range(4)])),
+                 torch.cat([_crops()] * 4))
+    loss.backward()
+    assert all(p.grad is None for p in model.target.parameters())
+    assert model.encoder.patch_embed.proj.weight.grad is None  # frozen patch embedding
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    before = {k: v.clone() for k, v in model.target.state_dict().items()}
+    online = {f"{n}.{k}": v.clone() for n, mod in model.online_modules().items() for k, v in mod.state_dict().items()}
+    m = momentum_at(0.3, 0.995)
+    model.update_target(m)
+    after = model.target.state_dict()
+    for key, value in after.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, m * before[key] + (1 - m) * online[key], atol=1e-7), key
+    assert momentum_at(0.0) == pytest.approx(0.995) and momentum_at(1.0) == pytest.approx(1.0)
