@@ -56,6 +56,43 @@ def block_mask(grid: int, num_masked: int, rng: np.random.Generator, min_patches
     return mask
 
 
+# ----------------------------------------------------------------------------------------------- views
+class SiameseViews:
+    """PIL image -> (view1, view2, view-1 mask (grid, grid) bool, crop parameters (11,)), as the reference's
+    DataAugmentationForSIM: per view a flip of the full image, then RandomResizedCrop (scale 0.08-1, bicubic);
+    colour jitter 0.8, grayscale 0.2; blur p=1 on view 1, p=0.1 + solarize p=0.2 on view 2; normalisation."""
+
+    def __init__(self, size: int, grid: int, num_masked: int, min_patches: int = 16, scale=(0.08, 1.0),
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        import torchvision.transforms as T
+
+        self.size, self.grid, self.num_masked, self.min_patches, self.scale = size, grid, num_masked, min_patches, scale
+        jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
+        blur = T.GaussianBlur(max(3, (size // 10) | 1), sigma=(0.1, 2.0))
+        finish = [T.ToTensor(), T.Normalize(mean, std)]
+        self.colour1 = T.Compose(jitter + [blur] + finish)
+        self.colour2 = T.Compose(jitter + [T.RandomApply([blur], p=0.1), T.RandomSolarize(128, p=0.2)] + finish)
+
+    def _crop(self, image):
+        import torchvision.transforms as T
+        import torchvision.transforms.functional as TF
+
+        flipped = bool(torch.rand(()) < 0.5)
+        if flipped:
+            image = TF.hflip(image)
+        i, j, h, w = T.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
+        view = TF.resized_crop(image, i, j, h, w, [self.size, self.size], T.InterpolationMode.BICUBIC)
+        return view, [i, j, h, w, float(flipped)]
+
+    def __call__(self, image):
+        view1, crop1 = self._crop(image)
+        view2, crop2 = self._crop(image)
+        seed = int(torch.randint(0, 2 ** 31, ()))
+        mask = block_mask(self.grid, self.num_masked, np.random.default_rng(seed), self.min_patches)
+        crops = torch.tensor(crop1 + crop2 + [image.size[0]], dtype=torch.float64)
+        return self.colour1(view1), self.colour2(view2), torch.from_numpy(mask), crops
+
+
 # ----------------------------------------------------------------------------------------------- positions
 def _sincos(values: torch.Tensor, dim: int) -> torch.Tensor:
     """[sin(v * w), cos(v * w)] with w_k = 10000^(-k/(dim/2)), k < dim/2: (..., dim)."""

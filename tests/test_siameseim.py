@@ -96,3 +96,16 @@ def test_ema_update_is_exact_and_target_gets_no_gradient():
         if value.is_floating_point():
             assert torch.allclose(value, m * before[key] + (1 - m) * online[key], atol=1e-7), key
     assert momentum_at(0.0) == pytest.approx(0.995) and momentum_at(1.0) == pytest.approx(1.0)
+
+
+def test_views_carry_crop_parameters_that_place_view2_in_view1():
+    from PIL import Image
+
+    from pretrain.siameseim import SiameseViews
+
+    torch.manual_seed(3)
+    views = SiameseViews(size=64, grid=GRID, num_masked=38, min_patches=4)
+    v1, v2, mask, crops = views(Image.new("RGB", (120, 90), (120, 30, 200)))
+    assert v1.shape == v2.shape == (3, 64, 64) and mask.shape == (GRID, GRID) and mask.sum() == 38
+    i1, j1, h1, w1, f1, i2, j2, h2, w2, f2, W = crops.tolist()
+    assert W == 120 and 0 <= j1 and j1 + w1 <= 120 and 0 <= i1 and i1 + h1 <= 90 and f1 in (0, 1) and f2 in (0, 1)
