@@ -113,10 +113,24 @@ def run_cell(cell: Cell, cfg: SweepConfig) -> int:
 
 
 def save_grid(cfg: SweepConfig, cells: list[Cell]) -> None:
+    """Add the cells (each with its sweep config) to OUT/.sweep/grid.json; sweeps into one OUT accumulate, so
+    `bench status` shows every cell ever asked for there (e.g. one sweep per pretraining checkpoint)."""
+    import fcntl
+
     path = Path(cfg.out) / ".sweep" / "grid.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": dataclasses.asdict(cfg),
-                                "cells": [dataclasses.asdict(c) for c in cells]}, indent=1))
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sweeps into one OUT merge, none is lost
+        entries = {}
+        if path.is_file():
+            entries = {(e["cell"]["backbone_hash"], Cell(**e["cell"]).id): e
+                       for e in json.loads(path.read_text())["cells"]}
+        for cell in cells:
+            entries[(cell.backbone_hash, cell.id)] = {"cell": dataclasses.asdict(cell),
+                                                      "config": dataclasses.asdict(cfg)}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"cells": list(entries.values())}, indent=1))
+        os.replace(tmp, path)
 
 
 def sweep(cfg: SweepConfig, launcher: str = "local", slurm: dict | None = None, log=print) -> dict:
@@ -162,10 +176,9 @@ def submit_slurm(cells: list[Cell], cfg: SweepConfig, partition: str | None = No
 def status(out: str) -> list[tuple[str, str, str]]:
     """(cell id, state, detail) for every cell of the sweep saved under `out`."""
     grid = json.loads((Path(out) / ".sweep" / "grid.json").read_text())
-    cfg = SweepConfig(**grid["config"])
     rows = []
-    for raw in grid["cells"]:
-        cell = Cell(**raw)
+    for entry in grid["cells"]:
+        cell, cfg = Cell(**entry["cell"]), SweepConfig(**entry["config"])
         if is_done(cell, cfg):
             rows.append((cell.id, "done", ""))
             continue
@@ -202,3 +215,24 @@ def _alive(state: dict) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def evaluate_checkpoint(artifact: str, benchmarks: list[str], data_root: str, out: str, trials: int = 1,
+                        launcher: str = "local", slurm: dict | None = None, run_args: list[str] | None = None,
+                        budget: str | None = None):
+    """Schedule the benchmark cells of one pretraining checkpoint (VISSL's benchmark-suite scheduler): a
+    detached local `bench sweep` process that training does not wait for, or a SLURM array via submitit.
+    Returns the Popen (local) or the submitit jobs (slurm)."""
+    cfg = SweepConfig(backbones=[str(Path(artifact).resolve())], benchmarks=list(benchmarks), trials=trials,
+                      data_root=str(Path(data_root).resolve()), out=str(Path(out).resolve()),
+                      run_args=list(run_args or []), budget=budget)
+    if launcher == "slurm":
+        return sweep(cfg, launcher="slurm", slurm=slurm)["jobs"]
+    log = Path(cfg.out) / "logs" / f"sweep__{Path(artifact).name.split('.')[0]}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.cli", "sweep", "--backbones", cfg.backbones[0], "--benchmarks",
+           *cfg.benchmarks, "--trials", str(trials), "--data-root", cfg.data_root, "--out", cfg.out]
+    cmd += ["--budget", budget] if budget else []
+    cmd += ["--", *cfg.run_args] if cfg.run_args else []
+    with open(log, "a") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)

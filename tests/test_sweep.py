@@ -79,3 +79,16 @@ def test_status_reports_failed_cell_with_log(tmp_path, mini_root, backbones):
     assert state == "failed" and "log" in detail
     log = Path(re.search(r"log (\S+)", detail).group(1)).read_text()
     assert "no-such-root" in log
+
+
+def test_checkpoint_evaluations_accumulate_in_one_status(tmp_path, mini_root, backbones):
+    """What pretraining does on its evaluation schedule: one detached sweep per saved checkpoint, one OUT."""
+    from benchmarks.sweep import evaluate_checkpoint
+
+    out = tmp_path / "evals"
+    procs = [evaluate_checkpoint(b, ["places205"], str(mini_root), str(out), budget="tiny",
+                                 run_args=[*FAST, "--cache-dir", str(tmp_path / "cache")]) for b in backbones[:2]]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    rows = status(str(out))
+    assert len(rows) == 2 and all(state == "done" for _, state, _ in rows), rows
+    assert {r["backbone"]["name"] for r in _records(out)} == {"rand0", "rand1"}
