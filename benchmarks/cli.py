@@ -33,7 +33,7 @@ def cmd_run(args) -> None:
                       seed=args.seed, out=args.out,
                       budget=args.budget, overrides=overrides, arch=args.arch, method=args.method, name=args.name,
                       allow_partial_load=args.allow_partial_load, device=args.device, cache_dir=args.cache_dir,
-                      state_key=args.state_key, prefix=args.prefix, num_gpus=args.gpus,
+                      state_key=args.state_key, prefix=args.prefix, num_gpus=args.gpus, resume=args.resume,
                       **({"workers": args.workers} if args.workers is not None else {}))
     run_benchmark(opts)
 
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root", required=True, help="folder holding the datasets in their real layouts")
     r.add_argument("--recipe", help="recipe id (default: the benchmark's default)")
     r.add_argument("--mode", choices=["cached", "protocol"], help="linear probes: cached (default) or protocol")
+    r.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="segmentation: start over instead of resuming from the work dir's last checkpoint")
     r.add_argument("--trials", type=int, help="number of trials (seeds seed..seed+N-1)")
     r.add_argument("--first-trial", type=int, default=0, help="index of the first trial (seed = seed + index)")
     r.add_argument("--seed", type=int, default=0)

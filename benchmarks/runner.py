@@ -35,6 +35,7 @@ class RunOptions:
     method: str | None = None
     name: str | None = None
     allow_partial_load: bool = False
+    resume: bool = True  # engines with checkpoints (segmentation) continue a trial's last checkpoint
     device: str = "auto"
     num_gpus: int = 1
     workers: int = min(4, os.cpu_count() or 1)
@@ -85,6 +86,9 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
                                      allow_partial=opts.allow_partial_load, state_key=opts.state_key,
                                      prefix=opts.prefix, img_size=img_size)
     check_backbone_fits(spec, backbone.family, opts.backbone)
+    family_recipe = spec.extra.get("family_recipes", {}).get(backbone.family)
+    if opts.recipe is None and family_recipe and family_recipe != cfg["name"]:  # e.g. ade20k: r50 / vit-b / convvit-b
+        cfg, overrides = resolve(spec, family_recipe, opts.budget, opts.overrides)
     log(report.summary())
     engine = load_engine(spec.task)
     trials = opts.trials or spec.trials
