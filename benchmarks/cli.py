@@ -27,7 +27,7 @@ def cmd_run(args) -> None:
         relaunch_under_torchrun(args.gpus)
 
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "crop_size": args.crop_size,
-                 "resize_size": args.resize_size, "lr": args.lr}
+                 "resize_size": args.resize_size, "lr": args.lr, "max_iter": args.max_iter}
     opts = RunOptions(benchmark=args.benchmark, backbone=args.backbone, data_root=args.data_root,
                       recipe=args.recipe, mode=args.mode, trials=args.trials, first_trial=args.first_trial,
                       seed=args.seed, out=args.out,
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="results", help="results folder (default ./results)")
     r.add_argument("--budget", help="non-protocol preset for CPU/miniature runs, e.g. tiny (recorded)")
     r.add_argument("--epochs", type=int, help="override the recipe's epochs (recorded as non-protocol)")
+    r.add_argument("--max-iter", type=int,
+                   help="detection: override the training iterations (steps and warm-up scale with it; non-protocol)")
     r.add_argument("--batch-size", type=int, help="override the batch size (LR scales linearly; recorded)")
     r.add_argument("--crop-size", type=int, help="override the crop size (recorded)")
     r.add_argument("--resize-size", type=int, help="override the test resize (recorded)")

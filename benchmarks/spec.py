@@ -72,20 +72,24 @@ def resolve(spec: BenchmarkSpec, recipe: str | None = None, budget: str | None =
     if recipe not in spec.recipes:
         raise SpecError(f"benchmark {spec.name} has no recipe {recipe!r}; recipes: {', '.join(spec.recipes)}")
     cfg = copy.deepcopy(spec.recipes[recipe])
-    applied = {}
-    if budget:
-        if budget not in spec.budgets:
-            raise SpecError(f"benchmark {spec.name} has no budget {budget!r}; budgets: {', '.join(spec.budgets)}")
-        applied.update(spec.budgets[budget])
-    applied.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    for key, value in applied.items():
+    if budget and budget not in spec.budgets:
+        raise SpecError(f"benchmark {spec.name} has no budget {budget!r}; budgets: {', '.join(spec.budgets)}")
+    preset = dict(spec.budgets[budget]) if budget else {}
+    user = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key in {**preset, **user}:
         if key not in cfg:
             raise SpecError(f"override {key!r} is not a field of recipe {spec.name}/{recipe}: {', '.join(cfg)}")
+    # a shortened run keeps its schedule's shape: milestones / steps scale with the epochs / iterations
+    for length, schedule in (("epochs", "milestones"), ("max_iter", "steps")):
+        if not isinstance(cfg.get(schedule), list):
+            continue
+        for layer, base in ((preset, cfg), (user, {**cfg, **preset})):
+            if length in layer and schedule not in layer and layer[length] != base[length]:
+                layer[schedule] = [max(1, round(m * layer[length] / base[length])) for m in base[schedule]]
+                if "warmup_iters" in cfg and length == "max_iter" and "warmup_iters" not in layer:
+                    layer["warmup_iters"] = min(base["warmup_iters"], max(1, layer[length] // 5))
+    applied = {**preset, **user}
     changed = {k: v for k, v in applied.items() if cfg[k] != v}
-    if "epochs" in changed and isinstance(cfg.get("milestones"), list):
-        # keep the schedule's shape: milestones scale with the shortened epoch count
-        ratio = changed["epochs"] / cfg["epochs"]
-        changed.setdefault("milestones", [max(1, round(m * ratio)) for m in cfg["milestones"]])
     cfg.update(changed)
     cfg["name"] = recipe
     return cfg, changed

@@ -70,7 +70,7 @@ def _overrides(run_args: list[str]) -> dict:
     """Recipe overrides named in pass-through `bench run` arguments (--epochs 3 -> {'epochs': 3})."""
     from benchmarks.cli import build_parser
 
-    known = {"epochs", "batch_size", "crop_size", "resize_size", "lr"}
+    known = {"epochs", "max_iter", "batch_size", "crop_size", "resize_size", "lr"}
     args = build_parser().parse_args(["run", "x", "--backbone", "b", "--data-root", "d", *run_args])
     return {k: getattr(args, k) for k in known if getattr(args, k) is not None}
 
