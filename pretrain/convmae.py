@@ -9,14 +9,26 @@ patches; the loss is the MSE over masked patches only. Only the encoder is expor
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from transfer.convvit import ConvViT, sincos_pos_embed
+from transfer.artifact import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, build_backbone
+from transfer.convvit import PRESETS, ConvViT, sincos_pos_embed
 
 PATCH = 16  # pixels per stage-3 token (4 * 2 * 2)
+DEFAULT_CONFIG = "convmae-cpu-tiny"
+DEFAULTS: dict[str, Any] = {  # the paper's ImageNet-1K recipe (methods.md 4.3); configs override
+    "arch": "convvit_base", "img_size": 224, "drop_path": 0.0,
+    "mask_ratio": 0.75, "norm_pix_loss": True,
+    "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16,
+    "optimizer": "adamw", "betas": [0.9, 0.95], "weight_decay": 0.05,
+    "lr": 1.5e-4, "lr_batch": 256, "batch_size": 2048, "epochs": 1600, "warmup_epochs": 40,
+    # augmentation: RandomResizedCrop(0.2-1) + flip only
+    "crop_scale": [0.2, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0,
+}
 
 
 def patchify(images: torch.Tensor, p: int = PATCH) -> torch.Tensor:
@@ -99,3 +111,42 @@ class ConvMAE(nn.Module):
                                                      images.device)
         pred = self.forward_decoder(self.forward_encoder(images, ids_keep, mask), ids_restore)
         return self.loss(images, pred, mask), pred, mask
+
+
+# ----------------------------------------------------------------------------------------------- pretrain/run.py
+def num_views(cfg: dict) -> int:
+    return 1
+
+
+def preprocessing(cfg: dict) -> Preprocessing:
+    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, "RGB", None)
+
+
+def arch_kwargs(cfg: dict) -> dict:
+    """The exported ConvViT's constructor arguments beyond its preset (the input size)."""
+    return {} if cfg["img_size"] == PRESETS[cfg["arch"]]["img_size"] else {"img_size": cfg["img_size"]}
+
+
+class ConvMAEPretraining(nn.Module):
+    """The `pretrain/common.py` face of ConvMAE: uint8 views in, (loss, logs) out; `.backbone` is the encoder."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        encoder = build_backbone(cfg["arch"], drop_path_rate=cfg["drop_path"], **arch_kwargs(cfg))
+        self.model = ConvMAE(encoder, cfg["decoder_dim"], cfg["decoder_depth"], cfg["decoder_heads"],
+                             cfg["mask_ratio"], cfg["norm_pix_loss"])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def backbone(self) -> ConvViT:
+        return self.model.encoder
+
+    def forward(self, views: list[torch.Tensor]):
+        images = (views[0].float() - self.mean) / self.std
+        loss, _, mask = self.model(images.contiguous())
+        return loss, {"masked": mask.mean().detach()}
+
+
+def build_model(cfg: dict) -> ConvMAEPretraining:
+    return ConvMAEPretraining(cfg)

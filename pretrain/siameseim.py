@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,18 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from transfer.artifact import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, build_backbone
 from transfer.convvit import sincos_pos_embed
+
+DEFAULT_CONFIG = "siameseim-cpu-tiny"
+DEFAULTS: dict[str, Any] = {  # ViT-B/16, 1600 epochs (methods.md 3.1-3.4); configs override
+    "arch": "vit_base_patch16", "img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12,
+    "decoder_dim": 768, "projector_depth": 2, "predictor_depth": 4, "decoder_heads": 16, "head_norm": "bn",
+    "mask_patches": 118, "min_mask_patches": 16, "neg_weight": 0.02, "base_momentum": 0.995,
+    "optimizer": "adamw", "betas": [0.9, 0.95], "weight_decay": 0.05, "clip_grad": 1.0,
+    "lr": 6.25e-5, "lr_batch": 256, "batch_size": 4096, "epochs": 1600, "warmup_epochs": 40,
+    "crop_scale": [0.08, 1.0],
+}
 
 # crop parameters per view, in this order, as a (B, 11) tensor: view 1 (top, left, height, width, flipped),
 # view 2 (the same) and the source image width
@@ -228,3 +240,51 @@ def unigrad_loss(pred: torch.Tensor, target: torch.Tensor, neg_weight: float = 0
 def momentum_at(progress: float, base: float = 0.995) -> float:
     """EMA momentum: base -> 1 by a half cosine over training (progress in [0, 1])."""
     return 1 - 0.5 * (1 + math.cos(math.pi * progress)) * (1 - base)
+
+
+# ----------------------------------------------------------------------------------------------- pretrain/run.py
+def preprocessing(cfg: dict) -> Preprocessing:
+    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, "RGB", None)
+
+
+TIMM_VIT = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+
+
+def arch_kwargs(cfg: dict) -> dict:
+    """The exported online encoder: a timm ViT without final norm, mean-pooled patch tokens (SiameseIM's probe),
+    with every geometry value that differs from the named timm model."""
+    embed_dim, depth, heads = TIMM_VIT[cfg["arch"].split("_")[1]]
+    reference = {"img_size": 224, "patch_size": 16, "embed_dim": embed_dim, "depth": depth, "num_heads": heads}
+    return {"final_norm": False, "global_pool": "avg", **{k: cfg[k] for k, v in reference.items() if cfg[k] != v}}
+
+
+def view_transform(cfg: dict) -> SiameseViews:
+    grid = cfg["img_size"] // cfg["patch_size"]
+    return SiameseViews(cfg["img_size"], grid, cfg["mask_patches"], cfg["min_mask_patches"], tuple(cfg["crop_scale"]))
+
+
+class SiameseIMPretraining(nn.Module):
+    """The `pretrain/common.py` face of SiameseIM: (view1, view2, mask, crops) in, (loss, logs) out."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        encoder = build_backbone(cfg["arch"], **arch_kwargs(cfg))
+        self.model = SiameseIM(encoder, cfg["decoder_dim"], cfg["projector_depth"], cfg["predictor_depth"],
+                               cfg["decoder_heads"], cfg["head_norm"], cfg["neg_weight"])
+        self.base_momentum = cfg["base_momentum"]
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.encoder
+
+    def forward(self, views: list[torch.Tensor]):
+        view1, view2, mask, crops = views
+        return self.model(view1, view2, mask.bool(), crops), {}
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        self.model.update_target(momentum_at(progress, self.base_momentum))
+
+
+def build_model(cfg: dict) -> SiameseIMPretraining:
+    return SiameseIMPretraining(cfg)
