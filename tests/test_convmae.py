@@ -1,4 +1,5 @@
 """ConvMAE: no leakage through the fused encoder, loss over masked patches only, exact patchify inverse."""
+import pytest
 import torch
 
 from pretrain.convmae import ConvMAE, patchify, random_masking, unpatchify
@@ -65,3 +66,39 @@ def test_forward_trains_the_encoder():
     assert pred.shape == (4, 16, 768) and torch.isfinite(loss)
     assert model.encoder.blocks1[0].attn.weight.grad.abs().sum() > 0
     assert model.encoder.pos_embed.grad is None  # the sin-cos table stays fixed
+
+
+def _tiny_images(root, n=16):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(48, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"{i}.png")
+    return root
+
+
+def test_pretrain_run_exports_an_encoder_the_audit_accepts(tmp_path):
+    from pretrain.common import load_config, train
+    from transfer.loading import load_backbone
+
+    cfg = load_config("convmae", None, [f"data={_tiny_images(tmp_path / 'imgs')}", f"output_dir={tmp_path / 'run'}",
+                                         "img_size=32", "batch_size=8", "epochs=1", "workers=0", "decoder_depth=1"])
+    artifact = train(cfg, log=lambda *a: None)
+    backbone, report = load_backbone(artifact)
+    assert report.ok and backbone.arch == "convvit_tiny" and backbone.artifact_meta["arch_kwargs"] == {"img_size": 32}
+    assert backbone.artifact_meta["provenance"]["method"] == "convmae"
+    assert not any(k.startswith(("decoder", "stage1_output", "mask_token")) for k in backbone.trunk.state_dict())
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(tmp_path):
+    from pretrain.common import load_config, train
+
+    cfg = load_config("convmae", None, [f"data={_tiny_images(tmp_path / 'imgs')}", f"output_dir={tmp_path / 'run'}",
+                                         "img_size=32", "batch_size=4", "epochs=1", "workers=0", "decoder_depth=1",
+                                         "ckpt_every=1", "warmup_epochs=0", "lr=1.0e+30"])
+    with pytest.raises(SystemExit, match=r"non-finite loss .* at step \d+; the last good checkpoint .*checkpoint.pth"):
+        train(cfg, log=lambda *a: None)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

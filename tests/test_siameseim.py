@@ -109,3 +109,26 @@ def test_views_carry_crop_parameters_that_place_view2_in_view1():
     assert v1.shape == v2.shape == (3, 64, 64) and mask.shape == (GRID, GRID) and mask.sum() == 38
     i1, j1, h1, w1, f1, i2, j2, h2, w2, f2, W = crops.tolist()
     assert W == 120 and 0 <= j1 and j1 + w1 <= 120 and 0 <= i1 and i1 + h1 <= 90 and f1 in (0, 1) and f2 in (0, 1)
+
+
+def test_pretrain_run_exports_the_online_encoder(tmp_path):
+    from PIL import Image
+
+    from pretrain.common import load_config, train
+    from transfer.loading import load_backbone
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(8):
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / "imgs" / f"{i}.png")
+    cfg = load_config("siameseim", None, [f"data={tmp_path / 'imgs'}", f"output_dir={tmp_path / 'run'}",
+                                           "img_size=32", "mask_patches=10", "batch_size=4", "epochs=1", "workers=0"])
+    artifact = train(cfg, log=lambda *a: None)
+    backbone, report = load_backbone(artifact)
+    assert report.ok and backbone.artifact_meta["arch_kwargs"]["patch_size"] == 8
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)["model"]
+    online = {k[len("model.encoder."):]: v for k, v in ckpt.items() if k.startswith("model.encoder.")}
+    target = {k[len("model.target.encoder."):]: v for k, v in ckpt.items() if k.startswith("model.target.encoder.")}
+    exported = backbone.trunk.state_dict()
+    assert all(torch.equal(exported[k], online[k]) for k in exported)
+    assert any(not torch.equal(exported[k], target[k]) for k in exported if k.startswith("blocks."))

@@ -462,7 +462,7 @@ def _resize_pos_embed(art: BackboneArtifact, img_size: int) -> list[str]:
     art.arch_kwargs = {**art.arch_kwargs, "img_size": img_size}
     if pos is None:
         return [f"rebuilt for {img_size} px (no pos_embed in the checkpoint)"]
-    grid = img_size // 16
+    grid = img_size // (16 if art.family == "convvit" else art.arch_kwargs.get("patch_size", 16))
     if art.family == "convvit":
         table, how = resample_pos_embed(pos, grid)
     else:
