@@ -325,3 +325,12 @@ def test_convvit_pos_embed_regrid_with_note(tmp_path, convvit_b):
 
     assert torch.allclose(backbone.trunk.pos_embed, sincos_pos_embed(768, 4))
     assert backbone(torch.rand(1, 3, 64, 64)).shape == (1, 768)
+
+
+def test_detectron2_pkl_round_trip_convert_then_reverse(tmp_path, r50):
+    """bench's own detectron2 conversion (MoCo rules, used by the detectron2 engine) read back by the audit."""
+    from transfer.detectron2_engine import write_pkl
+
+    trunk = {k: v for k, v in r50.items() if not k.startswith("fc.")}
+    path = write_pkl(trunk, tmp_path / "r50.pkl")
+    check_exact(path, r50, expect_format="detectron2", expect_arch="resnet50")
