@@ -62,6 +62,10 @@ DEFAULTS: dict[str, Any] = {
     "channels_last": True, "ckpt_every": 500, "log_every": 1,
     "output_dir": None,           # null: runs/pretrain/<config name>
     "max_steps": None,            # stop early (schedule unchanged), e.g. to test resuming
+    # evaluation during training (VISSL benchmark-suite style): every `eval_every` steps the trunk is exported to
+    # OUT/backbone-step<N>.safetensors and `bench sweep` cells for `eval_benchmarks` are scheduled, not awaited
+    "eval_every": None, "eval_benchmarks": [], "eval_data_root": None, "eval_out": None, "eval_budget": None,
+    "eval_launcher": "local",     # local (a detached `bench sweep` process) | slurm (a submitit job array)
     "resume": False,
 }
 
@@ -440,6 +444,18 @@ def export_backbone(model: nn.Module, cfg: dict, module, path: Path, steps: int,
     return save_artifact(path, artifact)
 
 
+def schedule_evaluation(model: nn.Module, cfg: dict, module, out: Path, step: int, data: str):
+    """Export this step's trunk and schedule its benchmark cells (benchmarks.sweep.evaluate_checkpoint)."""
+    from benchmarks.sweep import evaluate_checkpoint
+
+    if not cfg["eval_benchmarks"] or not cfg["eval_data_root"]:
+        raise SystemExit("eval_every needs eval_benchmarks=[...] and eval_data_root=DIR")
+    artifact = export_backbone(model, cfg, module, out / f"backbone-step{step}.safetensors", step, data)
+    return evaluate_checkpoint(str(artifact), cfg["eval_benchmarks"], cfg["eval_data_root"],
+                               cfg["eval_out"] or str(out / "evals"), launcher=cfg["eval_launcher"],
+                               budget=cfg["eval_budget"])
+
+
 # ----------------------------------------------------------------------------------------------- loop
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -498,6 +514,7 @@ def train(cfg: dict, log=print) -> Path:
     bar = tqdm(total=stop, initial=step, disable=rank != 0, dynamic_ncols=True, desc=cfg["method"])
     log_file = open(out / "log.jsonl", "a") if rank == 0 else None
     model.train()
+    evaluations = []  # scheduled checkpoint evaluations (Popen or submitit jobs); training never waits for them
     last = time.perf_counter()
     while step < stop:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -535,6 +552,8 @@ def train(cfg: dict, log=print) -> Path:
             if step % cfg["ckpt_every"] == 0 or step == stop:
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, step, cfg, rank)
                 last_saved = step
+            if cfg["eval_every"] and step % cfg["eval_every"] == 0 and rank == 0:
+                evaluations.append(schedule_evaluation(model, cfg, module, out, step, data_desc))
             if step >= stop:
                 break
     bar.close()
@@ -544,6 +563,9 @@ def train(cfg: dict, log=print) -> Path:
     if rank == 0:
         export_backbone(model, cfg, module, artifact, step, data_desc)
         log(f"backbone artifact -> {artifact}")
+        if evaluations:
+            log(f"{len(evaluations)} checkpoint evaluations scheduled; `bench status --out "
+                f"{cfg['eval_out'] or out / 'evals'}` follows them")
     if is_distributed():
         dist.barrier()
     return artifact

@@ -92,3 +92,26 @@ def test_checkpoint_evaluations_accumulate_in_one_status(tmp_path, mini_root, ba
     rows = status(str(out))
     assert len(rows) == 2 and all(state == "done" for _, state, _ in rows), rows
     assert {r["backbone"]["name"] for r in _records(out)} == {"rand0", "rand1"}
+
+
+def test_pretraining_schedules_checkpoint_evaluations(tmp_path, mini_root):
+    from benchmarks.datasets import load_classification
+    from pretrain.common import load_config, train
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for path, _ in load_classification("places205", mini_root, "train").samples[:16]:
+        (images / path.name).write_bytes(path.read_bytes())
+    evals = tmp_path / "evals"
+    cfg = load_config("mscn", None, [f"data={images}", f"output_dir={tmp_path / 'run'}", "arch=resnet18", "width=8",
+                                     "img_size=32", "batch_size=8", "epochs=1", "workers=0", "eval_every=1",
+                                     "eval_benchmarks=[places205]", f"eval_data_root={mini_root}",
+                                     f"eval_out={evals}", "eval_budget=tiny"])
+    train(cfg, log=lambda *a: None)
+    assert sorted(p.name for p in (tmp_path / "run").glob("backbone-step*.safetensors")) == \
+        ["backbone-step1.safetensors", "backbone-step2.safetensors"]
+    deadline = time.time() + 300
+    while len(_records(evals)) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert sorted(r["backbone"]["name"] for r in _records(evals)) == ["backbone-step1", "backbone-step2"]
+    assert all(state == "done" for _, state, _ in status(str(evals)))
