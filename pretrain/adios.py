@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.common import gather, is_distributed, unwrap
+from pretrain.common import byol_loss, info_nce, is_distributed, unwrap
 from transfer.artifact import Preprocessing, build_backbone, feature_dim
 
 DEFAULT_CONFIG = "adios-cpu-tiny"
@@ -171,25 +171,6 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- SSL losses
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
-    """SimCLR NT-Xent (solo-learn's): 2B anchors, cosine similarity / T, self excluded, the other view of the
-    same image positive, every other embedding (both views, all ranks) a negative; mean over anchors, fp32."""
-    with torch.autocast(z1.device.type, enabled=False):
-        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
-        n = z1.shape[0]
-        keys = torch.cat([gather(z1), gather(z2)])
-        total = keys.shape[0] // 2
-        idx = torch.arange(n, device=z1.device) + n * (dist.get_rank() if is_distributed() else 0)
-        logits = torch.cat([z1, z2]) @ keys.T / temperature
-        logits[torch.arange(2 * n, device=z1.device), torch.cat([idx, idx + total])] = float("-inf")
-        return F.cross_entropy(logits, torch.cat([idx + total, idx]))
-
-
-def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """2 - 2 cos(p, z), z from the target branch (no gradient), mean over the batch."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
-
-
 def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """-cos(p, stopgrad(z)), mean over the batch."""
     return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
@@ -292,7 +273,7 @@ class ADIOS(nn.Module):
         """Base SSL loss between the unmasked view and one masked view; each is (z, p, target z)."""
         (z_o, p_o, t_o), (z_m, p_m, t_m) = orig, masked
         if self.framework == "simclr":
-            return nt_xent(z_o, z_m, self.temperature)
+            return info_nce(z_o, z_m, self.temperature)
         if self.framework == "byol":
             return byol_loss(p_o, t_m) + byol_loss(p_m, t_o)
         return simsiam_loss(p_o, z_m) / 2 + simsiam_loss(p_m, z_o) / 2

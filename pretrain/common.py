@@ -259,6 +259,26 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return GatherLayer.apply(x) if is_distributed() else x
 
 
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent for one pair of views: 2N anchors per rank, cosine similarity / T, self excluded, the
+    other view of the same image positive, every other embedding of the global batch (both views, all ranks) a
+    negative; mean over anchors, in fp32."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = nn.functional.normalize(z1.float(), dim=1), nn.functional.normalize(z2.float(), dim=1)
+        n = z1.shape[0]
+        keys = torch.cat([gather(z1), gather(z2)])
+        total = keys.shape[0] // 2
+        idx = torch.arange(n, device=z1.device) + n * (dist.get_rank() if is_distributed() else 0)
+        logits = torch.cat([z1, z2]) @ keys.T / temperature
+        logits[torch.arange(2 * n, device=z1.device), torch.cat([idx, idx + total])] = float("-inf")
+        return nn.functional.cross_entropy(logits, torch.cat([idx + total, idx]))
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(p, z) per sample, averaged (z is the target branch's output: no gradient)."""
+    return (2 - 2 * nn.functional.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
+
+
 class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm for CPU/gloo (torch's needs GPUs): batch statistics summed over ranks with autograd."""
 

@@ -24,10 +24,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pretrain.common import gather, is_distributed
+from pretrain.common import byol_loss, info_nce
 from pretrain.masking import apply_masks, mscn_masks
 from transfer.artifact import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, build_backbone, feature_dim, high_pass
 
@@ -78,31 +77,6 @@ def mlp(dims: list[int], last_bn: bool) -> nn.Sequential:
         elif last_bn:
             layers.append(nn.BatchNorm1d(b))
     return nn.Sequential(*layers)
-
-
-def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent for one pair of views: 2N anchors per rank, positives across views, every other
-    embedding of the global batch (both views, all ranks) a negative; mean over anchors."""
-    with torch.autocast(z1.device.type, enabled=False):
-        return _info_nce(F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1), temperature)
-
-
-def _info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    n = z1.shape[0]
-    keys = torch.cat([gather(z1), gather(z2)])
-    total = keys.shape[0] // 2
-    offset = n * (torch.distributed.get_rank() if is_distributed() else 0)
-    idx = torch.arange(n, device=z1.device) + offset
-    logits = torch.cat([z1, z2]) @ keys.T / temperature
-    self_idx = torch.cat([idx, idx + total])
-    positive = torch.cat([idx + total, idx])
-    logits[torch.arange(2 * n, device=z1.device), self_idx] = float("-inf")
-    return F.cross_entropy(logits, positive)
-
-
-def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """2 - 2 cos(p, z) per sample, averaged (z is the target, no gradient)."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
 
 
 class MSCN(nn.Module):
