@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from transfer.artifact import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, build_backbone
-from transfer.convvit import sincos_pos_embed
+from transfer.convvit import sincos_1d, sincos_pos_embed
 
 DEFAULT_CONFIG = "siameseim-cpu-tiny"
 DEFAULTS: dict[str, Any] = {  # ViT-B/16, 1600 epochs (methods.md 3.1-3.4); configs override
@@ -106,13 +106,6 @@ class SiameseViews:
 
 
 # ----------------------------------------------------------------------------------------------- positions
-def _sincos(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """[sin(v * w), cos(v * w)] with w_k = 10000^(-k/(dim/2)), k < dim/2: (..., dim)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=values.device) / (dim / 2))
-    angles = values.double().unsqueeze(-1) * omega
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
-
 def relative_pos_embed(crops: torch.Tensor, grid: int, dim: int) -> torch.Tensor:
     """Sin-cos embedding (B, grid*grid, 2*dim) of every view-2 patch centre in view-1 patch units.
 
@@ -130,7 +123,7 @@ def relative_pos_embed(crops: torch.Tensor, grid: int, dim: int) -> torch.Tensor
     x = (flipped[:, None] * x_flip + (1 - flipped[:, None]) * x_same)[:, None, :]
     y, x = y.expand(-1, grid, grid), x.expand(-1, grid, grid)
     scales = [10 * torch.log(s)[:, None, None].expand(-1, grid, grid) for s in (scale_h, scale_w)]
-    parts = [_sincos(v.reshape(v.shape[0], -1), dim // 2) for v in (x, y, *scales)]
+    parts = [sincos_1d(v.reshape(v.shape[0], -1), dim // 2) for v in (x, y, *scales)]
     return torch.cat(parts, dim=-1).float()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import numpy as np
 import torch
 from timm.layers import DropPath
 from timm.models.vision_transformer import Block
@@ -75,17 +74,19 @@ class ConvPatchEmbed(nn.Module):
         return self.act(_channels_last_norm(self.norm, self.proj(x)))
 
 
+def sincos_1d(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """[sin(v * w), cos(v * w)] with w_k = 10000^(-k/(dim/2)), k < dim/2, in float64: (..., dim)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=values.device) / (dim / 2))
+    angles = values.double().unsqueeze(-1) * omega
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table, (1, grid*grid, dim), raster order: the first dim/2 channels encode the
     column (x), the last dim/2 the row (y), each as [sin(p*w), cos(p*w)] with w_k = 10000^(-k/(dim/4))."""
-    def one_axis(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
-    table = np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
-    return torch.from_numpy(table).float().unsqueeze(0)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    table = torch.cat([sincos_1d(cols.reshape(-1), dim // 2), sincos_1d(rows.reshape(-1), dim // 2)], dim=1)
+    return table.float().unsqueeze(0)
 
 
 class ConvViT(nn.Module):
