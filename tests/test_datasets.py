@@ -18,7 +18,7 @@ def test_classification_sets(mini_root):
     inat = load_classification("inat18", mini_root, "train")
     counts = sorted(Counter(label for _, label in inat.samples).values(), reverse=True)
     assert inat.num_classes == 12 and counts[0] >= 8 * counts[-1], "iNat train must be long-tailed"
-    assert len(load_classification("inat18", mini_root, "val").samples) == 96
+    assert len(load_classification("inat18", mini_root, "val").samples) == 480
     places = load_classification("places205", mini_root, "val")
     assert places.num_classes == 10 and places.class_names[1] == "beach" and len(places.samples) == 100
     image = open_image(places.samples[0][0])
