@@ -153,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", help="non-protocol preset for CPU/miniature runs, e.g. tiny (recorded)")
     r.add_argument("--epochs", type=int, help="override the recipe's epochs (recorded as non-protocol)")
     r.add_argument("--max-iter", type=int,
-                   help="detection: override the training iterations (steps and warm-up scale with it; non-protocol)")
-    r.add_argument("--batch-size", type=int, help="override the batch size (LR scales linearly; recorded)")
+                   help="detection/segmentation: override the training iterations (steps and warm-up scale with it; "
+                        "non-protocol)")
+    r.add_argument("--batch-size", type=int, help="override the global batch size: the recipe's linear-scaling rule scales the LR and, for "
+                        "iteration schedules, iterations / steps / warm-up inversely (recorded, non-protocol)")
     r.add_argument("--crop-size", type=int, help="override the crop size (recorded)")
     r.add_argument("--resize-size", type=int, help="override the test resize (recorded)")
-    r.add_argument("--lr", type=float, help="override the base LR at the recipe's reference batch (recorded)")
+    r.add_argument("--lr", type=float, help="override the LR (linear probes: at the recipe's lr_batch; recorded, non-protocol)")
     add_layout_options(r)
     r.add_argument("--method", help="method label for the leaderboard (default: from the artifact)")
     r.add_argument("--name", help="backbone name for the leaderboard (default: file name)")
@@ -166,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     r.add_argument("--gpus", type=int, default=1,
                    help="processes (one per GPU): torchrun for linear probes and mmseg, the detection engine's own "
-                        "launcher for detection; on a CPU-only machine N gloo processes. The global batch is kept.")
+                        "launcher for detection; on a CPU-only machine N gloo processes. The global batch is kept (batch / N per GPU); "
+                        "where memory forbids it, add --batch-size (linear-scaling rule)")
     r.add_argument("--workers", type=int, help="data-loading workers (default min(4, cores))")
     r.add_argument("--cache-dir", default=str(CACHE_ROOT / "features"), help="feature cache for --mode cached")
     r.set_defaults(fn=cmd_run)

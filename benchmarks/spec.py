@@ -65,6 +65,10 @@ def get_spec(name: str) -> BenchmarkSpec:
     return specs[name]
 
 
+# the CLI's generic names for the fields detectron2-style recipes call otherwise
+ALIASES = {"batch_size": "ims_per_batch", "lr": "base_lr", "max_iter": "max_iters"}
+
+
 def resolve(spec: BenchmarkSpec, recipe: str | None = None, budget: str | None = None,
             overrides: dict | None = None) -> tuple[dict, dict]:
     """(resolved recipe config, non-protocol overrides). Overrides win over the budget preset."""
@@ -76,6 +80,7 @@ def resolve(spec: BenchmarkSpec, recipe: str | None = None, budget: str | None =
         raise SpecError(f"benchmark {spec.name} has no budget {budget!r}; budgets: {', '.join(spec.budgets)}")
     preset = dict(spec.budgets[budget]) if budget else {}
     user = {k: v for k, v in (overrides or {}).items() if v is not None}
+    user = {ALIASES[k] if k not in cfg and ALIASES.get(k) in cfg else k: v for k, v in user.items()}
     for key in {**preset, **user}:
         if key not in cfg:
             raise SpecError(f"override {key!r} is not a field of recipe {spec.name}/{recipe}: {', '.join(cfg)}")
@@ -90,6 +95,37 @@ def resolve(spec: BenchmarkSpec, recipe: str | None = None, budget: str | None =
                     layer["warmup_iters"] = min(base["warmup_iters"], max(1, layer[length] // 5))
     applied = {**preset, **user}
     changed = {k: v for k, v in applied.items() if cfg[k] != v}
+    recipe_cfg = copy.deepcopy(cfg)
     cfg.update(changed)
+    scaling = linear_scaling(recipe_cfg, cfg, applied)
+    if scaling:
+        derived = {k: new for k, (_, new) in scaling["scaled"].items()}
+        cfg.update(derived)
+        changed.update(derived)  # derived values are non-protocol too, and shown with the row
+        cfg["linear_scaling"] = scaling
     cfg["name"] = recipe
     return cfg, changed
+
+
+def linear_scaling(recipe_cfg: dict, cfg: dict, applied: dict) -> dict | None:
+    """The recipe's rule for another global batch (PROTOCOLS.md: "halve batch and LR and double iterations and
+    steps"; detectron2's auto_scale_workers): the LR scales with batch / reference batch and iteration counts
+    (max_iter, steps, warm-up, eval/checkpoint periods) inversely, so as many epochs are seen. Values the budget
+    preset or the user set explicitly are kept. Recipes with `lr_batch` already scale their LR at run time."""
+    batch_key = next((k for k in ("ims_per_batch", "batch_size") if k in recipe_cfg), None)
+    lr_key = next((k for k in ("base_lr", "lr") if k in recipe_cfg), None)
+    if batch_key is None or lr_key is None or "lr_batch" in recipe_cfg or cfg[batch_key] == recipe_cfg[batch_key]:
+        return None
+    factor = cfg[batch_key] / recipe_cfg[batch_key]
+    scaled = {}
+    if lr_key not in applied:
+        scaled[lr_key] = (recipe_cfg[lr_key], recipe_cfg[lr_key] * factor)
+    iter_key = next((k for k in ("max_iter", "max_iters") if k in recipe_cfg), None)
+    if iter_key and iter_key not in applied:
+        for key in (iter_key, "warmup_iters", "val_interval", "checkpoint_interval"):
+            if key in recipe_cfg and key not in applied and recipe_cfg[key]:
+                scaled[key] = (recipe_cfg[key], max(1, round(recipe_cfg[key] / factor)))
+        if isinstance(recipe_cfg.get("steps"), list) and "steps" not in applied:
+            scaled["steps"] = (recipe_cfg["steps"], [max(1, round(s / factor)) for s in recipe_cfg["steps"]])
+    return {"batch_key": batch_key, "reference_batch": recipe_cfg[batch_key], "batch": cfg[batch_key],
+            "factor": factor, "scaled": scaled}

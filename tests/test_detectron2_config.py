@@ -155,3 +155,24 @@ def test_layout_paths_point_at_the_real_layouts(mini_root):
             paths = layout_paths(name, str(mini_root))
             assert (paths["dir"] / "ImageSets" / "Main" / f"{paths['split']}.txt").is_file() if "dir" in paths \
                 else paths["json"].is_file(), name
+
+
+def test_another_global_batch_follows_the_linear_scaling_rule():
+    """PROTOCOLS.md: "halve batch and LR and double iterations and steps" (detectron2's auto_scale_workers)."""
+    cfg, overrides = resolve(get_spec("voc07+12"), "moco", overrides={"batch_size": 8})
+    # the CLI's --batch-size names the recipe's field; the derived values are recorded as overrides too
+    assert overrides == {"ims_per_batch": 8, "base_lr": 0.01, "max_iter": 48000, "steps": [36000, 44000],
+                         "warmup_iters": 200}
+    assert cfg["ims_per_batch"] == 8 and cfg["base_lr"] == pytest.approx(0.01)
+    assert (cfg["max_iter"], cfg["steps"], cfg["warmup_iters"]) == (48000, [36000, 44000], 200)
+    assert cfg["linear_scaling"]["factor"] == 0.5 and cfg["linear_scaling"]["scaled"]["base_lr"][0] == 0.02
+    config = flat(detectron2_config(cfg, num_classes=20, arch="resnet50"))
+    assert config["SOLVER.BASE_LR"] == pytest.approx(0.01) and config["SOLVER.IMS_PER_BATCH"] == 8
+    # what the user (or a budget preset) sets explicitly is kept; only the rest follows the rule
+    seg, _ = resolve(get_spec("ade20k"), "r50", overrides={"batch_size": 32, "max_iter": 1000})
+    assert seg["lr"] == pytest.approx(0.02) and seg["max_iters"] == 1000 and "max_iters" not in seg["linear_scaling"]["scaled"]
+    tiny, _ = resolve(get_spec("coco-c4-1x"), "moco", budget="tiny", overrides={"lr": 0.05})
+    assert tiny["base_lr"] == 0.05 and "base_lr" not in tiny["linear_scaling"]["scaled"]
+    # the reference batch changes nothing; linear probes scale their LR at run time (lr_batch)
+    assert "linear_scaling" not in resolve(get_spec("voc07+12"), "moco", overrides={"batch_size": 16})[0]
+    assert "linear_scaling" not in resolve(get_spec("places205"), "vissl", overrides={"batch_size": 64})[0]
