@@ -69,21 +69,26 @@ def mscn_masks(x: torch.Tensor, ratio: float = 0.15, cells: int = 7, focal_prob:
     draws = torch.rand(b, 3, device=dev)
     use_focal, independent, masked = draws[:, 0] < focal_prob, draws[:, 1] < channel_prob, draws[:, 2] < mask_prob
 
-    def per_image(t: torch.Tensor) -> torch.Tensor:
+    def per_image(t: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        """Channel 0's map for shared-mask images; all False for images not masked or of the other kind."""
         view = (b,) + (1,) * (t.dim() - 1)
-        return torch.where(independent.view(view), t, t[:, :1].expand_as(t)) & masked.view(view)
+        return torch.where(independent.view(view), t, t[:, :1].expand_as(t)) & (masked & kind).view(view)
 
-    grid = upsample_cells(per_image(grid_cells(b, c, cells, ratio, dev)), (h, w))
+    # grid cells of grid-mask images, then the focal rows and columns of focal-mask images OR-ed in place
+    mask = upsample_cells(per_image(grid_cells(b, c, cells, ratio, dev), ~use_focal), (h, w))
     rows, cols = focal_lines(b, c, (h, w), focal_keep, dev)
-    focal = per_image(rows) | per_image(cols)
-    return torch.where(use_focal.view(b, 1, 1, 1), focal, grid)
+    mask |= per_image(rows, use_focal)
+    mask |= per_image(cols, use_focal)
+    return mask
 
 
-def apply_masks(x: torch.Tensor, mask: torch.Tensor, noise_std: float = 0.2) -> torch.Tensor:
-    """Masked pixels -> i.i.d. N(0, noise_std^2) noise (zeros when noise_std is 0); the rest unchanged."""
+def apply_masks(x: torch.Tensor, mask: torch.Tensor, noise_std: float = 0.2, inplace: bool = False) -> torch.Tensor:
+    """Masked pixels -> i.i.d. N(0, noise_std^2) noise (zeros when noise_std is 0); the rest unchanged.
+    `inplace` writes into x (for a tensor the caller owns, e.g. a fresh torch.cat)."""
     if noise_std <= 0:
-        return x.masked_fill(mask, 0.0)
+        return x.masked_fill_(mask, 0.0) if inplace else x.masked_fill(mask, 0.0)
     if x.is_cuda:  # one full-size draw, no host sync
         return torch.where(mask, torch.randn(x.shape, device=x.device, dtype=x.dtype) * noise_std, x)
     # CPU: draw only the masked pixels' noise (~5x fewer normals; randn_like on channels_last is also slow there)
-    return x.masked_scatter(mask, torch.randn(int(mask.sum()), dtype=x.dtype) * noise_std)
+    noise = torch.randn(int(torch.count_nonzero(mask)), dtype=x.dtype).mul_(noise_std)
+    return x.masked_scatter_(mask, noise) if inplace else x.masked_scatter(mask, noise)

@@ -108,14 +108,15 @@ class MSCN(nn.Module):
         return high_pass(x, sigma) if sigma else x
 
     def mask(self, x: torch.Tensor, branch: int) -> torch.Tensor:
-        """MSCN masks + noise with the branch's magnitudes, drawn for the whole batch at once."""
+        """MSCN masks + noise with the branch's magnitudes, drawn for the whole batch at once; writes into x
+        (`prepare` passes a fresh concatenation of the branch's views)."""
         c = {k: branch_value(self.cfg[k], branch)
              for k in ("mask_prob", "mask_ratio", "focal_prob", "focal_keep", "channel_prob", "noise_std")}
         if c["mask_prob"] <= 0:
             return x
         m = mscn_masks(x, c["mask_ratio"], self.cells, c["focal_prob"], c["focal_keep"], c["channel_prob"],
                        c["mask_prob"])
-        return apply_masks(x, m, c["noise_std"])
+        return apply_masks(x, m, c["noise_std"], inplace=True)
 
     @torch.no_grad()
     def prepare(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
