@@ -33,9 +33,11 @@ done
 stamp
 
 for benchmark in voc07+12 coco-c4-1x; do
-  echo "== $benchmark: random-init, 1 trial (C4 detection, torchvision engine, budget tiny)"
-  bench run "$benchmark" --backbone "$OUT/backbones/random-init.safetensors" --name random-init \
-    --data-root "$DATA" --budget tiny --trials 1 --workers 0 --out "$RESULTS"
+  for backbone in random-init mscn-simclr; do
+    echo "== $benchmark: $backbone, 1 trial (C4 detection, torchvision engine, budget tiny)"
+    bench run "$benchmark" --backbone "$OUT/backbones/$backbone.safetensors" --name "$backbone" \
+      --data-root "$DATA" --budget tiny --trials 1 --workers 0 --out "$RESULTS"
+  done
 done
 stamp
 
