@@ -72,15 +72,18 @@ def block_mask(grid: int, num_masked: int, rng: np.random.Generator, min_patches
 class SiameseViews:
     """PIL image -> (view1, view2, view-1 mask (grid, grid) bool, crop parameters (11,)), as the reference's
     DataAugmentationForSIM: per view a flip of the full image, then RandomResizedCrop (scale 0.08-1, bicubic);
-    colour jitter 0.8, grayscale 0.2; blur p=1 on view 1, p=0.1 + solarize p=0.2 on view 2; normalisation."""
+    colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2; blur (sigma 0.1-2) p=1 on view 1, p=0.1 + solarize
+    p=0.2 on view 2; normalisation. Scale, jitter, grayscale and blur sigma are configurable (`cpu-tiny` lightens
+    them)."""
 
     def __init__(self, size: int, grid: int, num_masked: int, min_patches: int = 16, scale=(0.08, 1.0),
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), color_jitter=(0.4, 0.4, 0.2, 0.1),
+                 gray_p: float = 0.2, blur_sigma=(0.1, 2.0)):
         import torchvision.transforms as T
 
         self.size, self.grid, self.num_masked, self.min_patches, self.scale = size, grid, num_masked, min_patches, scale
-        jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
-        blur = T.GaussianBlur(max(3, (size // 10) | 1), sigma=(0.1, 2.0))
+        jitter = [T.RandomApply([T.ColorJitter(*color_jitter)], p=0.8), T.RandomGrayscale(gray_p)]
+        blur = T.GaussianBlur(max(3, (size // 10) | 1), sigma=tuple(blur_sigma))
         finish = [T.ToTensor(), T.Normalize(mean, std)]
         self.colour1 = T.Compose(jitter + [blur] + finish)
         self.colour2 = T.Compose(jitter + [T.RandomApply([blur], p=0.1), T.RandomSolarize(128, p=0.2)] + finish)
@@ -253,7 +256,8 @@ def arch_kwargs(cfg: dict) -> dict:
 
 def view_transform(cfg: dict) -> SiameseViews:
     grid = cfg["img_size"] // cfg["patch_size"]
-    return SiameseViews(cfg["img_size"], grid, cfg["mask_patches"], cfg["min_mask_patches"], tuple(cfg["crop_scale"]))
+    return SiameseViews(cfg["img_size"], grid, cfg["mask_patches"], cfg["min_mask_patches"], tuple(cfg["crop_scale"]),
+                        color_jitter=tuple(cfg["color_jitter"]), gray_p=cfg["gray_p"], blur_sigma=cfg["blur_sigma"])
 
 
 class SiameseIMPretraining(nn.Module):
