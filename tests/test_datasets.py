@@ -20,7 +20,7 @@ def test_classification_sets(mini_root):
     assert inat.num_classes == 12 and counts[0] >= 8 * counts[-1], "iNat train must be long-tailed"
     assert len(load_classification("inat18", mini_root, "val").samples) == 480
     places = load_classification("places205", mini_root, "val")
-    assert places.num_classes == 10 and places.class_names[1] == "beach" and len(places.samples) == 100
+    assert places.num_classes == 10 and places.class_names[1] == "beach" and len(places.samples) == 400
     image = open_image(places.samples[0][0])
     assert image.mode == "RGB" and image.size == (96, 96)
 

@@ -125,7 +125,8 @@ def config_value(config: dict, key: str):
     return getters[key]()
 
 
-NOT_IN_CONFIG = {"name", "source", "backbone_family", "features", "amp"}  # amp: CUDA only, see engine_cfg["amp"]
+NOT_IN_CONFIG = {"name", "source", "backbone_family", "features", "amp",  # amp: CUDA only, see engine_cfg["amp"]
+                 "linear_scaling"}  # provenance of lr / iterations, which are checked themselves
 
 
 def assert_config_matches(config: dict, recipe: dict):
@@ -293,6 +294,8 @@ def _model_and_optimizer(artifact, recipe, tmp_path):
 
 def test_vit_layer_decay_rates(artifacts, tmp_path):
     model, wrapper, config, backbone = _model_and_optimizer(artifacts["vit_tiny_patch16"], "vit-b", tmp_path)
+    base_lr = config["optim_wrapper"]["optimizer"]["lr"]
+    assert base_lr == pytest.approx(1e-4 * 4 / 16)  # the recipe's 1e-4 at batch 16, linearly scaled to tiny's 4
     names = {id(p): n for n, p in model.named_parameters()}
     blocks = set()
     for group in wrapper.optimizer.param_groups:
@@ -305,7 +308,7 @@ def test_vit_layer_decay_rates(artifacts, tmp_path):
                 blocks.add(layer)
             else:
                 layer = 13  # neck, heads: full LR
-            assert group["lr"] == pytest.approx(1e-4 * 0.65 ** (13 - layer)), name
+            assert group["lr"] == pytest.approx(base_lr * 0.65 ** (13 - layer)), name
             no_decay = p.ndim == 1 or name.endswith(".bias")
             assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
     assert blocks == set(range(1, 13))  # every one of the 12 real blocks has its own rate
@@ -317,6 +320,7 @@ def test_vit_layer_decay_rates(artifacts, tmp_path):
 def test_convvit_layer_decay_rates_use_real_blocks(artifacts, tmp_path):
     model, wrapper, config, _ = _model_and_optimizer(artifacts["convvit_tiny"], "convvit-b", tmp_path)
     assert config["optim_wrapper"]["paramwise_cfg"]["num_layers"] == 2  # convvit_tiny: 2 transformer blocks
+    base_lr = config["optim_wrapper"]["optimizer"]["lr"]
     names = {id(p): n for n, p in model.named_parameters()}
     for group in wrapper.optimizer.param_groups:
         for p in group["params"]:
@@ -324,7 +328,7 @@ def test_convvit_layer_decay_rates_use_real_blocks(artifacts, tmp_path):
             m = re.match(r"backbone\.blocks3\.(\d+)\.", name)
             layer = (int(m.group(1)) + 1 if m else
                      0 if name.startswith(("backbone.patch_embed", "backbone.blocks1", "backbone.blocks2")) else 3)
-            assert group["lr"] == pytest.approx(1e-4 * 0.75 ** (3 - layer)), name
+            assert group["lr"] == pytest.approx(base_lr * 0.75 ** (3 - layer)), name
     x = torch.randn(1, 3, 80, 48)  # not a multiple of the crop: padded, position table resampled
     outs = model.backbone(x)
     assert [o.shape[1] for o in outs] == [32, 48, 96, 96] and outs[0].shape[-2:] == (20, 12)
