@@ -25,7 +25,6 @@ def test_classification_sets(mini_root):
     assert image.mode == "RGB" and image.size == (96, 96)
 
 
-
 def test_places_scenes_are_not_told_apart_by_colour(mini_root):
     """Scene labels come from the objects in the scene, not its palette: nearest class-mean colour stays near
     chance (10 classes; 98.5% when each scene had its own palette), as colour statistics, which random init

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from benchmarks.runner import RunOptions, run_benchmark
 from benchmarks.spec import get_spec, resolve
 from transfer.artifact import random_artifact, save_artifact
-from transfer.linear import (LinearHeads, best_head, evaluate_heads, feature_batches, fit_heads,
-                             heads_cross_entropy, lr_factor)
+from transfer.linear import LinearHeads, best_head, evaluate_heads, feature_batches, fit_heads, lr_factor
 
 CPU = torch.device("cpu")
 
@@ -60,17 +59,17 @@ def test_grid_heads_train_independently():
         assert evaluate_heads(single, x, y, CPU)[0][0] == pytest.approx(evaluate_heads(grid, x, y, CPU)[0][g])
 
 
-
 def test_lr_choice_breaks_top1_ties_by_heldout_loss():
     torch.manual_seed(0)
     x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
     heads = LinearHeads(8, 3, num_heads=2)
     heads.eval()
-    losses = heads_cross_entropy(heads, x, y, CPU, batch_size=16)  # batched sum = per-head mean
+    losses = evaluate_heads(heads, x, y, CPU, batch_size=16)[2]  # batched sum = per-head mean
     for g in range(2):
         assert losses[g] == pytest.approx(F.cross_entropy(heads(x)[g], y).item(), rel=1e-5)
     assert best_head([30.0, 33.3, 33.3], [1.2, 1.9, 1.6]) == 2  # tie on top-1: lower loss wins
     assert best_head([36.7, 33.3, 33.3], [2.0, 1.0, 1.0]) == 0  # top-1 first
+
 
 def test_nan_loss_is_one_clear_error():
     heads = LinearHeads(8, 3)

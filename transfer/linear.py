@@ -250,9 +250,9 @@ def fit_heads(heads: LinearHeads, epoch_batches: Callable[[int], Iterable], step
 
 @torch.no_grad()
 def evaluate_heads(heads: LinearHeads, feats: torch.Tensor, labels: torch.Tensor, device, batch_size=4096):
-    """Per-head top-1 and top-5 accuracy (%) on the given features."""
+    """Per-head top-1 and top-5 accuracy (%) and mean cross-entropy on the given features."""
     heads.to(device).eval()
-    correct1 = correct5 = 0
+    correct1 = correct5 = loss = 0
     for i in range(0, len(feats), batch_size):
         logits = heads(feats[i:i + batch_size].to(device))
         y = labels[i:i + batch_size].to(device)
@@ -260,22 +260,9 @@ def evaluate_heads(heads: LinearHeads, feats: torch.Tensor, labels: torch.Tensor
         hits = top == y.view(1, -1, 1)
         correct1 = correct1 + hits[..., 0].sum(1)
         correct5 = correct5 + hits.any(-1).sum(1)
+        loss = loss + F.cross_entropy(logits.transpose(1, 2), y.expand(len(logits), -1), reduction="none").sum(1)
     n = max(len(feats), 1)
-    return (100.0 * correct1 / n).tolist(), (100.0 * correct5 / n).tolist()
-
-
-@torch.no_grad()
-def heads_cross_entropy(heads: LinearHeads, feats: torch.Tensor, labels: torch.Tensor, device,
-                        batch_size=4096) -> list[float]:
-    """Per-head mean cross-entropy on the given features."""
-    heads.to(device).eval()
-    total = 0
-    for i in range(0, len(feats), batch_size):
-        logits = heads(feats[i:i + batch_size].to(device))
-        y = labels[i:i + batch_size].to(device)
-        total = total + F.cross_entropy(logits.flatten(0, 1), y.repeat(len(logits)), reduction="none") \
-            .view(len(logits), -1).sum(1)
-    return (total / max(len(feats), 1)).tolist()
+    return (100.0 * correct1 / n).tolist(), (100.0 * correct5 / n).tolist(), (loss / n).tolist()
 
 
 def best_head(top1: list[float], loss: list[float]) -> int:
@@ -337,7 +324,7 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
     t_train = time.perf_counter() - t0
     val_feats, val_labels = extract_features(backbone, val.samples, test_transform(cfg["resize_size"],
                                              cfg["crop_size"]), device, cfg["batch_size"], workers, "val features")
-    top1, top5 = evaluate_heads(heads, val_feats, val_labels, device)
+    top1, top5, _ = evaluate_heads(heads, val_feats, val_labels, device)
     return {"metrics": {"top1": top1[0], "top5": top5[0]},
             "extra": {"lr": lr, "final_loss": losses[-1], "steps": len(losses), "world_size": world},
             "timings": {"train_s": t_train, "eval_s": time.perf_counter() - t0 - t_train}}
@@ -374,10 +361,9 @@ def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, c
     losses = fit_heads(heads, batches, steps, cfg, lrs, device, desc=f"{len(lrs)} heads")
     t_train = time.perf_counter() - t0 - t_feat
 
-    hold_top1, _ = evaluate_heads(heads, hold_f, hold_y, device)
-    hold_loss = heads_cross_entropy(heads, hold_f, hold_y, device)
+    hold_top1, _, hold_loss = evaluate_heads(heads, hold_f, hold_y, device)
     best = best_head(hold_top1, hold_loss)
-    top1, top5 = evaluate_heads(heads, val_f, val_y, device)
+    top1, top5, _ = evaluate_heads(heads, val_f, val_y, device)
     return {"metrics": {"top1": top1[best], "top5": top5[best]},
             "extra": {"lr_selection": {"chosen_lr": lrs[best], "recipe_lr": base, "split": "held-out train",
                                        "holdout_size": len(hold.samples), "fit_size": len(fit.samples),
