@@ -46,13 +46,18 @@ def unpatchify(patches: torch.Tensor, size: tuple[int, int], p: int = PATCH) -> 
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, -1, h * p, w * p)
 
 
-def random_masking(batch: int, tokens: int, ratio: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-image random masks with the same masked count: (ids_keep (B, n), mask (B, N) 1 = masked, ids_restore)."""
+def random_masking(batch: int, tokens: int, ratio: float, device, noise: torch.Tensor | None = None):
+    """Per-image random masks with the same masked count, as MAE/ConvMAE draw them: the tokens of lowest
+    `noise` (uniform, (B, N); drawn when None) are kept. Returns (ids_keep (B, n) in shuffle order, mask (B, N)
+    1 = masked, ids_restore) so that the decoder's `gather(cat(visible, mask tokens), ids_restore)` puts visible
+    token i back at position ids_keep[:, i]."""
     keep = int(tokens * (1 - ratio))
-    ids_shuffle = torch.rand(batch, tokens, device=device).argsort(1)
+    if noise is None:
+        noise = torch.rand(batch, tokens, device=device)
+    ids_shuffle = noise.argsort(1)
     ids_restore = ids_shuffle.argsort(1)
-    ids_keep = ids_shuffle[:, :keep].sort(1).values
-    mask = torch.ones(batch, tokens, device=device)
+    ids_keep = ids_shuffle[:, :keep]
+    mask = torch.ones(batch, tokens, device=noise.device)
     mask.scatter_(1, ids_keep, 0)
     return ids_keep, mask, ids_restore
 
@@ -106,9 +111,10 @@ class ConvMAE(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None):
+        """(loss, pred (B, N, 768), mask (B, N)); `noise` (B, N) fixes the masking draw (drawn when None)."""
         ids_keep, mask, ids_restore = random_masking(images.shape[0], self.encoder.grid ** 2, self.mask_ratio,
-                                                     images.device)
+                                                     images.device, noise)
         pred = self.forward_decoder(self.forward_encoder(images, ids_keep, mask), ids_restore)
         return self.loss(images, pred, mask), pred, mask
 

@@ -27,6 +27,32 @@ def test_random_masking_fixed_count_and_restore():
                        torch.arange(16).expand(5, 16))
 
 
+def test_random_masking_keeps_the_lowest_noise_in_shuffle_order():
+    noise = torch.rand(3, 16)
+    ids_keep, mask, ids_restore = random_masking(3, 16, 0.75, "cpu", noise)
+    assert torch.equal(ids_keep, noise.argsort(1)[:, :4])  # MAE's ids_shuffle[:, :len_keep], not sorted
+    assert torch.equal(mask, (noise.argsort(1).argsort(1) >= 4).float())
+
+
+def test_decoder_puts_each_visible_token_at_its_own_position():
+    """The decoder input at position ids_keep[:, i] is visible token i (embedded) plus that position's
+    embedding; with sorted ids_keep and the shuffle's ids_restore most visible tokens land elsewhere."""
+    model = _model()
+    torch.manual_seed(3)
+    ids_keep, mask, ids_restore = random_masking(4, 16, 0.75, "cpu")
+    latent = torch.randn(4, 4, 96)
+    seen = {}
+    hook = model.decoder_blocks[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        model.forward_decoder(latent, ids_restore)
+        hook.remove()
+        expected = model.decoder_embed(latent) + model.decoder_pos_embed[0, ids_keep]
+        assert torch.allclose(seen["x"].gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, 64)), expected, atol=1e-6)
+        masked = mask.bool()
+        assert torch.allclose(seen["x"][masked], (model.mask_token[0] + model.decoder_pos_embed[0]).expand(
+            4, -1, -1)[masked], atol=1e-6)
+
+
 def test_fused_encoder_output_ignores_masked_pixels():
     model = _model()
     images = torch.rand(2, 3, 64, 64)
