@@ -14,19 +14,20 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
+from torchvision.transforms import v2 as T
 
 from transfer.artifact import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, build_backbone
-from transfer.convvit import PRESETS, ConvViT, sincos_pos_embed
+from transfer.convvit import PRESETS, ConvViT, _init_weights, sincos_pos_embed
 
 PATCH = 16  # pixels per stage-3 token (4 * 2 * 2)
 DEFAULT_CONFIG = "convmae-cpu-tiny"
-DEFAULTS: dict[str, Any] = {  # the paper's ImageNet-1K recipe (methods.md 4.3); configs override
+DEFAULTS: dict[str, Any] = {  # the reference's ImageNet-1K recipe (configs/convmae-imagenet.yaml); configs override
     "arch": "convvit_base", "img_size": 224, "drop_path": 0.0,
     "mask_ratio": 0.75, "norm_pix_loss": True,
     "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16,
     "optimizer": "adamw", "betas": [0.9, 0.95], "weight_decay": 0.05,
-    "lr": 1.5e-4, "lr_batch": 256, "batch_size": 2048, "epochs": 1600, "warmup_epochs": 40,
-    # augmentation: RandomResizedCrop(0.2-1) + flip only
+    "lr": 1.5e-4, "lr_batch": 256, "batch_size": 3072, "epochs": 1600, "warmup_epochs": 40,
+    # augmentation (main_pretrain.py): RandomResizedCrop(scale 0.2-1, bicubic) + flip only; see `view_transform`
     "crop_scale": [0.2, 1.0], "jitter_p": 0.0, "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0,
 }
 
@@ -84,7 +85,16 @@ class ConvMAE(nn.Module):
             for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, PATCH * PATCH * 3)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The reference's `initialize_weights` (models_convmae.py): patch_embed3 Xavier-uniform as a linear
+        layer, mask token N(0, 0.02), every Linear Xavier-uniform with zero bias and every LayerNorm (1, 0), in
+        the encoder and the decoder alike; the other convs (stages 1-2, fusion) keep PyTorch's default init."""
+        w = self.encoder.patch_embed3.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(_init_weights)
 
     def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Normalised visible stage-3 tokens with the fused stage-1/2 features, (B, n_visible, D)."""
@@ -122,6 +132,27 @@ class ConvMAE(nn.Module):
 # ----------------------------------------------------------------------------------------------- pretrain/run.py
 def num_views(cfg: dict) -> int:
     return 1
+
+
+class BicubicCropFlip:
+    """The reference's pretraining views: RandomResizedCrop (bicubic) + horizontal flip, as uint8."""
+
+    def __init__(self, size: int, scale: tuple[float, float]):
+        self.transform = T.Compose([
+            T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.RandomHorizontalFlip(), T.PILToTensor()])
+
+    def __call__(self, image):
+        return [self.transform(image)]
+
+
+def view_transform(cfg: dict) -> BicubicCropFlip:
+    """One bicubic crop + flip per image; the colour/blur/solarize keys of other methods are refused."""
+    extra = {k: cfg[k] for k in ("jitter_p", "gray_p", "blur_p", "solarize_p") if cfg[k]}
+    if extra:
+        raise SystemExit(f"convmae pretrains on crops and flips only (Alpha-VL/ConvMAE main_pretrain.py); "
+                         f"remove {', '.join(f'{k}={v}' for k, v in extra.items())} from the config")
+    return BicubicCropFlip(cfg["img_size"], tuple(cfg["crop_scale"]))
 
 
 def preprocessing(cfg: dict) -> Preprocessing:

@@ -1,4 +1,6 @@
 """ConvMAE: no leakage through the fused encoder, loss over masked patches only, exact patchify inverse."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -128,3 +130,90 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(tmp_path):
         train(cfg, log=lambda *a: None)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------------------------- golden parity
+# tests/fixtures/convmae_parity.pt: Alpha-VL/ConvMAE's MaskedAutoencoderConvViT (commit inside the fixture) run by
+# benchmarks/parity/convmae.py on the same weights, images and masking noise at 224 px with tiny widths.
+FIXTURE = Path(__file__).parent / "fixtures" / "convmae_parity.pt"
+
+
+@pytest.fixture(scope="module")
+def parity():
+    from benchmarks.parity.convmae import bench_model, bench_name, images_from
+
+    ref = torch.load(FIXTURE, weights_only=True)
+    model = bench_model()
+    missing, unexpected = model.load_state_dict({bench_name(n): t for n, t in ref["state_dict"].items()},
+                                                strict=False)
+    assert not unexpected and set(missing) == {"encoder.pos_embed", "decoder_pos_embed"}
+    model.train()
+    loss, pred, mask = model(images_from(ref["images_56px"]), noise=ref["noise"])
+    loss.backward()
+    grads = {n: p.grad.norm() for n, p in model.named_parameters() if p.requires_grad}
+    return ref, model, loss.detach(), pred.detach(), mask, {n: grads[bench_name(n)] for n in ref["grad_norms"]}
+
+
+def test_parity_fixture_names_the_reference_commit(parity):
+    ref = parity[0]
+    assert len(ref["commit"]) == 40 and "Alpha-VL/ConvMAE" in ref["reference"]
+
+
+def test_parity_loss_mask_and_predictions_equal_the_reference(parity):
+    ref, _, loss, pred, mask, _ = parity
+    assert torch.equal(mask, ref["mask"])
+    assert abs(loss.item() - ref["loss"].item()) < 1e-5
+    assert (pred[..., :8] - ref["pred_head"]).abs().max() < 1e-5
+    assert (pred.norm(dim=-1) - ref["pred_norms"]).abs().max() < 1e-5
+
+
+def test_parity_gradient_norms_equal_the_reference(parity):
+    ref, *_, grads = parity
+    assert set(grads) == set(ref["grad_norms"])  # every reference parameter, fusion convs and decoder included
+    worst = max(grads, key=lambda n: abs(grads[n].item() - ref["grad_norms"][n]))
+    assert abs(grads[worst].item() - ref["grad_norms"][worst]) < 1e-5, worst
+
+
+def test_parity_fixed_position_tables_equal_the_reference(parity):
+    ref, model = parity[:2]
+    assert torch.equal(model.encoder.pos_embed, ref["pos_embed"])
+    assert torch.equal(model.decoder_pos_embed, ref["pos_embed"])  # both tables are 16-d here
+
+
+def test_initialisation_follows_the_reference():
+    """Pooled over 16 seeds, every parameter's mean and spread after bench's init match the reference's init
+    (Xavier patch_embed3 and Linears, zero biases, unit LayerNorms, default-init convs, mask token N(0, .02))."""
+    from benchmarks.parity.convmae import bench_model, init_stats
+
+    ref = torch.load(FIXTURE, weights_only=True)["init_stats"]
+    ours = init_stats(bench_model, rename=lambda n: n.removeprefix("encoder."))
+    assert set(ours) == set(ref)
+    for name, (mean, std) in ref.items():
+        if std == 0:  # constant init: zeros or ones
+            assert ours[name][1] == 0 and ours[name][0] == mean, name
+        else:
+            assert 0.85 < ours[name][1] / std < 1.15, (name, ours[name], (mean, std))
+
+
+def test_views_are_bicubic_crops_and_flips_only():
+    from torchvision.transforms import v2 as T
+
+    from pretrain import convmae
+    from pretrain.common import load_config
+
+    cfg = load_config("convmae", "convmae-imagenet")
+    crop = convmae.view_transform(cfg).transform.transforms[0]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == T.InterpolationMode.BICUBIC
+    assert tuple(crop.scale) == (0.2, 1.0) and tuple(crop.size) == (224, 224)
+    with pytest.raises(SystemExit, match="jitter_p=0.8"):
+        convmae.view_transform({**cfg, "jitter_p": 0.8})
+
+
+def test_imagenet_config_is_the_reference_command():
+    """PRETRAIN.md at 4c97b4c9: 3 nodes x 8 GPUs x 128, blr 1.5e-4, wd 0.05, 1600 epochs, 40 warm-up, mask 0.75."""
+    from pretrain.common import load_config
+
+    cfg = load_config("convmae", "convmae-imagenet")
+    assert (cfg["batch_size"], cfg["lr"], cfg["lr_batch"], cfg["weight_decay"]) == (3 * 8 * 128, 1.5e-4, 256, 0.05)
+    assert (cfg["epochs"], cfg["warmup_epochs"], cfg["mask_ratio"], cfg["norm_pix_loss"]) == (1600, 40, 0.75, True)
+    assert (cfg["betas"], cfg["min_lr"], cfg["precision"]) == ([0.9, 0.95], 0.0, "fp16")
