@@ -38,14 +38,15 @@ DEFAULTS: dict[str, Any] = {
     "highpass_sigma": 5.0,        # pixels at img_size; null = no high-pass filter (paper: 5 at 224)
     "num_views": 4,               # 2 standard views + 2 extra masked views
     "share_view": False,          # App. B ablation: all views share one standard augmentation
-    # masks, each a number or [branch 0, branch 1] (view v is on branch v % 2)
-    "mask_prob": 1.0,             # probability that a view is masked at all
-    "mask_ratio": [0.15, 0.075],  # fraction of grid cells masked
+    # masks, each a number or [branch 0, branch 1] (view v is on branch v % 2); "open" = the paper gives no value
+    "mask_prob": 1.0,             # probability that a view is masked at all (open: every view)
+    "mask_ratio": [0.15, 0.075],  # fraction of grid cells masked (15%: Fig. 5a; branch 1's: open, half)
     "grid_size": 32, "grid_ref_size": 224,  # 32 px cells at 224 px -> 7 x 7 cells at any resolution
     "focal_prob": 0.4,            # focal mask instead of a grid mask
-    "focal_keep": 0.9,            # side of the kept focal square / image side (3rd-party: 200/224)
-    "channel_prob": 0.8,          # channel-independent masks ("high probability")
-    "noise_std": 0.2,             # Gaussian noise in masked areas (normalised units); 0 = zero fill
+    "focal_keep": 0.9,            # side of the kept focal square / image side (open; 3rd-party: 200/224)
+    "channel_prob": 0.8,          # channel-independent masks (open: "high probability"; 3rd-party 0.7 of grid)
+    "noise_std": 0.2,             # Gaussian noise in masked areas, normalised units (open; 3rd-party 0.18); 0 = zero
+    # high-pass kernel size: open (3rd-party 11 x 11); transfer/artifact.high_pass uses radius ceil(3 sigma)
     # heads
     "proj_hidden": 2048, "proj_out": 256, "pred_hidden": 4096,
     "temperature": 0.2,           # SimCLR

@@ -148,3 +148,142 @@ def test_ablation_switches():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError):
         mscn.MSCN(tiny_cfg(framework="moco"))
+
+
+# ------------------------------------------------------------------------------------------- the paper, directly
+# MSCN has no public code: these loops implement the seed paper's Sec. 5 literally, one image, channel and pixel
+# at a time, and draw their random numbers in the order pretrain/masking.py documents (per batch: the per-image
+# uniforms (focal?, channel-independent?, masked?), the grid cells' uniforms, the focal squares' top and left
+# uniforms, then one N(0, 1) per masked pixel in (image, channel, row, column) order), so the vectorised code
+# must give exactly the same views and loss.
+def paper_masks_and_noise(x, ratio, cells, focal_prob, focal_keep, channel_prob, mask_prob, noise_std):
+    """Sec. 5.2: per image, a focal mask (keep one random square) with focal_prob, else a random grid mask
+    (round(ratio * cells^2) random cells); channel-independent masks with channel_prob, else one mask for all
+    channels; masked pixels <- N(0, noise_std^2)."""
+    b, c, h, w = x.shape
+    n = cells * cells
+    draws, cell_u = torch.rand(b, 3).tolist(), torch.rand(b, c, n).tolist()
+    top_u, left_u = torch.rand(b, c, 1, 1).flatten(1).tolist(), torch.rand(b, c, 1, 1).flatten(1).tolist()
+    side = round(focal_keep * min(h, w))
+    mask = [[[[False] * w for _ in range(h)] for _ in range(c)] for _ in range(b)]
+    for i in range(b):
+        focal, independent, masked = (draws[i][k] < p for k, p in enumerate((focal_prob, channel_prob, mask_prob)))
+        if not masked:
+            continue
+        for ch in range(c):
+            src = ch if independent else 0  # a shared mask is channel 0's
+            if focal:
+                top, left = int(top_u[i][src] * (h - side + 1)), int(left_u[i][src] * (w - side + 1))
+                for y in range(h):
+                    for xx in range(w):
+                        mask[i][ch][y][xx] = not (top <= y < top + side and left <= xx < left + side)
+            else:
+                chosen = set(sorted(range(n), key=lambda k: cell_u[i][src][k])[:round(ratio * n)])
+                for y in range(h):
+                    for xx in range(w):
+                        mask[i][ch][y][xx] = (y * cells // h) * cells + xx * cells // w in chosen
+    mask = torch.tensor(mask)
+    out = x.clone()
+    if noise_std > 0:
+        noise = (torch.randn(int(mask.sum())) * noise_std).tolist()
+        flat, flat_mask, k = out.view(-1), mask.view(-1).tolist(), 0
+        for idx, m in enumerate(flat_mask):
+            if m:
+                flat[idx], k = noise[k], k + 1
+    else:
+        out[mask] = 0.0
+    return out, mask
+
+
+def paper_high_pass(x, sigma):
+    """Sec. 5.1: x - G_sigma * x with the 2-D Gaussian (radius ceil(3 sigma), reflect padding) in one conv."""
+    r = max(1, int(torch.tensor(3 * sigma).ceil()))
+    yy, xx = torch.meshgrid(torch.arange(-r, r + 1.0), torch.arange(-r, r + 1.0), indexing="ij")
+    kernel = torch.exp(-(yy**2 + xx**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).expand(x.shape[1], 1, -1, -1)
+    return x - F.conv2d(F.pad(x, (r, r, r, r), mode="reflect"), kernel, groups=x.shape[1])
+
+
+def textbook_info_nce(z1, z2, t):
+    """Every one of the 2N anchors: -log exp(s_pos / t) / sum_{k != anchor} exp(s_k / t), cosine s; mean."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n, total = z1.shape[0], 0.0
+    for a in range(2 * n):
+        sims = [z[a] @ z[k] / t for k in range(2 * n) if k != a]
+        total = total - (z[a] @ z[(a + n) % (2 * n)] / t - torch.logsumexp(torch.stack(sims), 0))
+    return total / (2 * n)
+
+
+def paper_loss(model, views, cfg):
+    """Sec. 5.2-5.3: normalise + high-pass every view, mask each branch's views (view v on branch v % 2) with
+    that branch's magnitudes, then the framework's loss on EVERY pair of views, averaged over the pairs."""
+    x = [paper_high_pass((v.float() / 255 - model.mean) / model.std, cfg["highpass_sigma"]) for v in views]
+    for branch in (0, 1):
+        idx = list(range(branch, len(x), 2))
+        knobs = [mscn.branch_value(cfg[k], branch) for k in
+                 ("mask_ratio", "focal_prob", "focal_keep", "channel_prob", "mask_prob", "noise_std")]
+        masked, _ = paper_masks_and_noise(torch.cat([x[i] for i in idx]), knobs[0], model.cells, *knobs[1:])
+        for i, m in zip(idx, masked.chunk(len(idx))):
+            x[i] = m
+    pairs = [(i, j) for i in range(len(x)) for j in range(i + 1, len(x))]
+    if cfg["framework"] == "simclr":
+        z = [model.projector(model.backbone(v)) for v in x]
+        losses = [textbook_info_nce(z[i], z[j], cfg["temperature"]) for i, j in pairs]
+    else:
+        p = [model.predictor(model.projector(model.backbone(v))) for v in x]
+        t = [model.target_projector(model.target_backbone(v)) for v in x]
+        cos = lambda a, b: sum(a[k] @ b[k] / (a[k].norm() * b[k].norm()) for k in range(len(a))) / len(a)  # noqa
+        losses = [(2 - 2 * cos(p[i], t[j])) + (2 - 2 * cos(p[j], t[i])) for i, j in pairs]
+    return sum(losses) / len(pairs), x
+
+
+@pytest.mark.parametrize("kw", [
+    dict(mask_ratio=[0.3, 0.1], focal_prob=0.5, channel_prob=0.5, noise_std=0.2),
+    dict(mask_ratio=0.15, focal_prob=0.0, channel_prob=1.0, noise_std=0.0, focal_keep=0.6),
+    dict(mask_ratio=0.5, focal_prob=1.0, channel_prob=0.0, noise_std=0.5, focal_keep=[0.5, 0.8], mask_prob=0.7),
+])
+def test_masks_and_noise_equal_the_papers_loops(kw):
+    cfg = tiny_cfg(**kw)
+    x = torch.randn(6, 3, S, S) + 3.0
+    for branch in (0, 1):
+        knobs = {k: mscn.branch_value(cfg[k], branch) for k in
+                 ("mask_ratio", "focal_prob", "focal_keep", "channel_prob", "mask_prob", "noise_std")}
+        torch.manual_seed(branch)
+        ours = mscn.apply_masks(x.clone(), mscn.mscn_masks(x, knobs["mask_ratio"], 7, knobs["focal_prob"],
+                                                           knobs["focal_keep"], knobs["channel_prob"],
+                                                           knobs["mask_prob"]), knobs["noise_std"])
+        torch.manual_seed(branch)
+        paper, mask = paper_masks_and_noise(x, knobs["mask_ratio"], 7, knobs["focal_prob"], knobs["focal_keep"],
+                                            knobs["channel_prob"], knobs["mask_prob"], knobs["noise_std"])
+        assert mask.any() and not mask.all()
+        assert torch.equal(ours, paper)
+
+
+@pytest.mark.parametrize("framework", ["simclr", "byol"])
+def test_training_loss_equals_the_papers_equations(framework):
+    """The whole MSCN step (high-pass, both branches masked with their own magnitudes, noise, 2 extra views,
+    every pair) against the loops above on the same random draws."""
+    cfg = tiny_cfg(framework=framework, mask_ratio=[0.3, 0.1], focal_prob=0.5, channel_prob=0.8, noise_std=0.2)
+    torch.manual_seed(0)
+    model = mscn.MSCN(cfg).train()
+    views = [smooth_images(8, seed=i) for i in range(4)]
+    torch.manual_seed(5)
+    expected, paper_views = paper_loss(model, views, cfg)
+    torch.manual_seed(5)
+    assert torch.allclose(torch.stack(model.prepare(views)), torch.stack(paper_views), atol=1e-5)
+    torch.manual_seed(5)
+    loss, _ = model(views)
+    assert abs(loss.item() - expected.item()) < 1e-5
+
+
+def test_imagenet_configs_use_the_base_methods_views():
+    """App. A.1 follows SimCLR (colour jitter strength 1: 0.8/0.8/0.8/0.2, p 0.8, grayscale 0.2, blur 0.5)
+    and BYOL (0.4/0.4/0.2/0.1, symmetric on both branches)."""
+    from pretrain.common import load_config
+
+    simclr = load_config("mscn", "mscn-imagenet")
+    assert (simclr["color_jitter"], simclr["jitter_p"], simclr["gray_p"], simclr["blur_p"]) == (
+        [0.8, 0.8, 0.8, 0.2], 0.8, 0.2, 0.5)
+    assert simclr["crop_scale"] == [0.08, 1.0] and simclr["blur_sigma"] == [0.1, 2.0]
+    byol = load_config("mscn", "mscn-byol-imagenet")
+    assert (byol["color_jitter"], byol["jitter_p"], byol["gray_p"]) == ([0.4, 0.4, 0.2, 0.1], 0.8, 0.2)
