@@ -205,8 +205,9 @@ def paper_high_pass(x, sigma):
 
 
 def textbook_info_nce(z1, z2, t):
-    """Every one of the 2N anchors: -log exp(s_pos / t) / sum_{k != anchor} exp(s_k / t), cosine s; mean."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    """Every one of the 2N anchors: -log exp(s_pos / t) / sum_{k != anchor} exp(s_k / t), cosine s; mean
+    (in float64: the sum over anchors is the only rounding that differs from the vectorised code)."""
+    z = F.normalize(torch.cat([z1, z2]).double(), dim=1)
     n, total = z1.shape[0], 0.0
     for a in range(2 * n):
         sims = [z[a] @ z[k] / t for k in range(2 * n) if k != a]
@@ -232,7 +233,8 @@ def paper_loss(model, views, cfg):
     else:
         p = [model.predictor(model.projector(model.backbone(v))) for v in x]
         t = [model.target_projector(model.target_backbone(v)) for v in x]
-        cos = lambda a, b: sum(a[k] @ b[k] / (a[k].norm() * b[k].norm()) for k in range(len(a))) / len(a)  # noqa
+        cos = lambda a, b: sum(a[k].double() @ b[k].double() / (a[k].double().norm() * b[k].double().norm())  # noqa
+                               for k in range(len(a))) / len(a)
         losses = [(2 - 2 * cos(p[i], t[j])) + (2 - 2 * cos(p[j], t[i])) for i, j in pairs]
     return sum(losses) / len(pairs), x
 
@@ -273,7 +275,8 @@ def test_training_loss_equals_the_papers_equations(framework):
     assert torch.allclose(torch.stack(model.prepare(views)), torch.stack(paper_views), atol=1e-5)
     torch.manual_seed(5)
     loss, _ = model(views)
-    assert abs(loss.item() - expected.item()) < 1e-5
+    # the high-pass (separable vs one 2-D conv) differs by float32 rounding (~1e-6), which the network carries
+    assert abs(loss.item() - expected.item()) < 1e-5 * abs(expected.item())
 
 
 def test_imagenet_configs_use_the_base_methods_views():
