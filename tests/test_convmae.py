@@ -150,7 +150,8 @@ def parity():
     model.train()
     loss, pred, mask = model(images_from(ref["images_56px"]), noise=ref["noise"])
     loss.backward()
-    grads = {n: p.grad.norm() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.norm() if p.grad is not None else torch.tensor(0.0)  # unused: no gradient at all
+             for n, p in model.named_parameters() if p.requires_grad}
     return ref, model, loss.detach(), pred.detach(), mask, {n: grads[bench_name(n)] for n in ref["grad_norms"]}
 
 

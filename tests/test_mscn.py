@@ -221,7 +221,7 @@ def paper_loss(model, views, cfg):
     x = [paper_high_pass((v.float() / 255 - model.mean) / model.std, cfg["highpass_sigma"]) for v in views]
     for branch in (0, 1):
         idx = list(range(branch, len(x), 2))
-        knobs = [mscn.branch_value(cfg[k], branch) for k in
+        knobs = [cfg[k][branch] if isinstance(cfg[k], list) else cfg[k] for k in
                  ("mask_ratio", "focal_prob", "focal_keep", "channel_prob", "mask_prob", "noise_std")]
         masked, _ = paper_masks_and_noise(torch.cat([x[i] for i in idx]), knobs[0], model.cells, *knobs[1:])
         for i, m in zip(idx, masked.chunk(len(idx))):
@@ -248,7 +248,7 @@ def test_masks_and_noise_equal_the_papers_loops(kw):
     cfg = tiny_cfg(**kw)
     x = torch.randn(6, 3, S, S) + 3.0
     for branch in (0, 1):
-        knobs = {k: mscn.branch_value(cfg[k], branch) for k in
+        knobs = {k: cfg[k][branch] if isinstance(cfg[k], list) else cfg[k] for k in
                  ("mask_ratio", "focal_prob", "focal_keep", "channel_prob", "mask_prob", "noise_std")}
         torch.manual_seed(branch)
         ours = mscn.apply_masks(x.clone(), mscn.mscn_masks(x, knobs["mask_ratio"], 7, knobs["focal_prob"],
