@@ -214,9 +214,10 @@ def build_heads(framework: str, feat_dim: int, proj_hidden: int, proj_out: int,
         return (_mlp([feat_dim, proj_hidden, proj_out], bn=True),
                 _mlp([proj_out, pred_hidden, proj_out], bn=True))
     if framework == "simsiam":
-        projector = _mlp([feat_dim, proj_hidden, proj_hidden, proj_out], bn=True, last_bn=True, bias=False)
-        projector[6].bias.requires_grad_(False)  # the reference's "hack": the bias before the last BN stays fixed
-        return projector, _mlp([proj_out, pred_hidden, proj_out], bn=True, bias=False)
+        # the reference sets requires_grad False on projector[6].bias, but its flip_inpainter_grad(True) turns it
+        # back on at every step, so the bias is trained there (its gradient is ~0: a BatchNorm follows)
+        return (_mlp([feat_dim, proj_hidden, proj_hidden, proj_out], bn=True, last_bn=True, bias=False),
+                _mlp([proj_out, pred_hidden, proj_out], bn=True, bias=False))
     raise ValueError(f"framework must be one of {FRAMEWORKS}, not {framework!r}")
 
 

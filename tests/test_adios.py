@@ -94,7 +94,7 @@ def test_each_step_changes_only_its_own_parameters(framework, single):
     assert _changed(occ_before, [model.occluder]) == set(occ_before)
     assert all(p.grad is None for p in model.encoder_parameters())
     assert {f"{i}.{k}" for i, m in enumerate(encoder_side) for k, p in m.named_parameters()
-            if p.requires_grad} == trainable  # unfrozen again (SimSiam's fixed projector bias stays fixed)
+            if p.requires_grad} == trainable  # unfrozen again
 
 
 def _cfg(**kw):
