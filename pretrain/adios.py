@@ -32,7 +32,9 @@ with two families of parameter groups: encoder side (lr) and occluder (mask_lr).
 (to None) first and only its own side gets gradients, so `optimizer.step()` moves only that side (optimisers skip
 parameters without a gradient: no momentum, no weight decay), exactly as two optimisers would; both families
 get their lr from `reference_lr` (see above; `train_step` sets it, overriding common.py's per-step LambdaLR,
-whose step count it reads), and common.py checkpoints them as one.
+whose step count it reads; log.jsonl's first line still shows LambdaLR's), and common.py checkpoints them as one.
+Proven equal to the reference (losses, penalty, masks, gradient norms, lrs) by benchmarks/parity/adios.py and
+tests/test_adios_parity.py.
 
 Module names follow the reference (`YugeTen/adios`, solo-learn based): `encoder`, `projector`, `predictor`,
 `momentum_encoder`, `momentum_projector`, `occluder.mask_encoder` (U-Net), `occluder.mask_head`.

@@ -286,6 +286,26 @@ def test_occluder_step_raises_the_ssl_loss():
     assert after.item() > before.item()
 
 
+@pytest.mark.parametrize("framework", ["simclr", "byol"])
+def test_adios_step_descends_the_encoder_loss_and_ascends_the_occluder_objective(framework):
+    """adios_step's own steps: with the other side's lr at 0, a small encoder step lowers the SSL loss and a small
+    occluder step raises the occluder's objective (SSL loss minus the penalties)."""
+    x1, x2 = _batch()
+    for side in ("encoder", "occluder"):
+        model = _model(framework, alpha_sparsity=0.5)
+        lrs = {"encoder": 1e-3 if side == "encoder" else 0.0, "occluder": 1e-3 if side == "occluder" else 0.0}
+        enc_opt = torch.optim.SGD(model.encoder_parameters(), lr=lrs["encoder"])
+        occ_opt = torch.optim.SGD(model.occluder_parameters(), lr=lrs["occluder"])
+        value = (lambda: model.encoder_loss(x1, x2)[0]) if side == "encoder" else \
+            (lambda: model.occluder_objective(x1, x2)[0])
+        with torch.no_grad():
+            before = value().item()
+        adios.adios_step(model, enc_opt, occ_opt, x1, x2)
+        with torch.no_grad():
+            after = value().item()
+        assert (after < before) if side == "encoder" else (after > before), (side, before, after)
+
+
 def test_byol_ema_update_is_exact():
     model = _model("byol")
     with torch.no_grad():
