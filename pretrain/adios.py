@@ -6,21 +6,35 @@ x * (1 - m_n), and a Siamese encoder (SimCLR, BYOL or SimSiam) must map the mask
 unmasked view of the same image. Every batch makes two optimiser steps on disjoint parameters:
 
   1. encoder step:  minimise  L_ssl = sum_n ssl(x_orig, x * (1 - m_n))        (masks detached)
-  2. occluder step: maximise  L_ssl - alpha_s * sum_n mean_b 1/sin(pi * a_bn)
+  2. occluder step: maximise  L_ssl - alpha_s * sum_n mean_b 1/(sin(pi * a_bn) + 1e-10)
                                     + alpha_e * sum_b sum_n softmax(a_b) log softmax(a_b)    (encoder frozen)
 
-where a_bn in [eps, 1 - eps] is the area fraction of mask n on image b. The sparsity penalty stops the occluder
-from winning trivially with an all-covering (a = 1) or empty (a = 0) mask. ADIOS-s samples one mask per image in
-both steps (one masked forward instead of N); its penalties still cover all N masks. BYOL's target branch is an
-EMA of the online encoder and projector (tau: 0.99 -> 1 by a half cosine over all steps, updated every batch).
-The ONLINE encoder is exported, as the reference evaluates it.
+where a_bn is the area fraction of mask n on image b. The sparsity penalty stops the occluder from winning
+trivially with an all-covering (a = 1) or empty (a = 0) mask; as in the reference it is not clamped, so its
+gradient keeps pushing a collapsing mask back. ADIOS-s samples one mask per image in each step (one masked
+forward instead of N; a fresh draw per step, as the reference); its penalties still cover all N masks. BYOL's
+target branch is an EMA of the online encoder and projector (tau: 0.99 -> 1 by a half cosine over all steps,
+updated every batch). SimSiam masks both views (one occluder pass per view) and averages the reference's
+switchable terms: masked p vs unmasked z always, plus `use_symmetry_mask` (unmasked p vs masked z),
+`use_no_mask` (both unmasked) and `use_both_mask` (both masked). The ONLINE encoder is exported, as the
+reference evaluates it.
+
+Learning rates follow the reference's two pl_bolts LinearWarmupCosineAnnealingLR schedulers, stepped once per
+EPOCH (constant within an epoch): warm-up from the absolute `warmup_start_lr` (0.003) to the base lr over
+`warmup_epochs`, then a cosine to `min_lr`, ending at epoch `epochs - train_mask_epoch` for the encoder side
+(after which the reference's chainable cosine rises again) and at `epochs` for the occluder. `train_mask_epoch`
+does nothing else in the reference: the occluder is trained from the first step. SimSiam's predictor keeps a
+static lr (the base lr) from the second epoch on, as the reference's `static_lr` group.
 
 Plugs into pretrain/common.py's loop (data, LARS, warm-up + cosine, checkpoint/resume, DDP, AMP, export) through
 `DEFAULTS`, `build_model`, `preprocessing`, `param_groups` and `train_step`. The two "optimisers" are one LARS
 with two families of parameter groups: encoder side (lr) and occluder (mask_lr). Each step zeroes all gradients
 (to None) first and only its own side gets gradients, so `optimizer.step()` moves only that side (optimisers skip
 parameters without a gradient: no momentum, no weight decay), exactly as two optimisers would; both families
-follow the same warm-up + cosine shape at their own base lr, and common.py checkpoints them as one.
+get their lr from `reference_lr` (see above; `train_step` sets it, overriding common.py's per-step LambdaLR,
+whose step count it reads; log.jsonl's first line still shows LambdaLR's), and common.py checkpoints them as one.
+Proven equal to the reference (losses, penalty, masks, gradient norms, lrs) by benchmarks/parity/adios.py and
+tests/test_adios_parity.py.
 
 Module names follow the reference (`YugeTen/adios`, solo-learn based): `encoder`, `projector`, `predictor`,
 `momentum_encoder`, `momentum_projector`, `occluder.mask_encoder` (U-Net), `occluder.mask_head`.
@@ -55,8 +69,10 @@ DEFAULTS: dict[str, Any] = {
     "single_mask": False,         # ADIOS-s: one sampled mask per image (one masked forward instead of N)
     "mask_fbase": 32, "unet_norm": "gn",
     "alpha_sparsity": 1.0, "alpha_entropy": 0.0,
-    "area_eps": 1e-3,             # areas clamped to [eps, 1 - eps] in the penalty
-    "train_mask_epoch": 0,        # the occluder is trained from this epoch on
+    "num_blocks": None,           # U-Net depth; None: floor(log2(img_size) - 1) (SimSiam's reference passes 4)
+    "use_symmetry_mask": True, "use_no_mask": True, "use_both_mask": True,   # SimSiam's loss terms
+    "train_mask_epoch": 10,       # the encoder's cosine ends at epochs - train_mask_epoch (BYOL's default: 10)
+    "warmup_start_lr": 0.003,     # absolute lr of the first (warm-up) epoch, both sides
     "mask_lr": 0.1295,            # occluder lr at lr_batch (scaled with the batch like lr)
     # heads (solo-learn sizes for BYOL)
     "proj_hidden_dim": 4096, "proj_output_dim": 256, "pred_hidden_dim": 8192,
@@ -138,9 +154,10 @@ class UNet(nn.Module):
 class Occluder(nn.Module):
     """Image -> N soft masks (B, N, H, W): U-Net, 1x1 conv to N channels, softmax over the N channels."""
 
-    def __init__(self, img_size: int, num_masks: int = 6, c: int = 32, norm: str = "gn"):
+    def __init__(self, img_size: int, num_masks: int = 6, c: int = 32, norm: str = "gn",
+                 num_blocks: int | None = None):
         super().__init__()
-        self.mask_encoder = UNet(img_size, c, 3, norm)
+        self.mask_encoder = UNet(img_size, c, 3, norm, num_blocks)
         self.mask_head = nn.Conv2d(c, num_masks, 1)
         self.num_masks = num_masks
 
@@ -153,10 +170,10 @@ def mask_areas(masks: torch.Tensor) -> torch.Tensor:
     return masks.float().mean(dim=(2, 3))
 
 
-def sparsity_penalty(areas: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """sum_n mean_b 1 / sin(pi * a_bn), a clamped to [eps, 1 - eps] (finite at 0 and 1; minimal at a = 0.5)."""
-    a = areas.clamp(eps, 1 - eps)
-    return (1.0 / torch.sin(math.pi * a)).mean(0).sum()
+def sparsity_penalty(areas: torch.Tensor) -> torch.Tensor:
+    """sum_n mean_b 1 / (sin(pi * a_bn) + 1e-10), the reference's formula: minimal at a = 0.5, 1e10 at a = 0
+    (no clamp: its gradient -pi cos(pi a) / sin^2(pi a) grows without bound as a mask collapses)."""
+    return (1.0 / (torch.sin(areas * math.pi) + 1e-10)).mean(0).sum()
 
 
 def area_neg_entropy(areas: torch.Tensor) -> torch.Tensor:
@@ -199,6 +216,8 @@ def build_heads(framework: str, feat_dim: int, proj_hidden: int, proj_out: int,
         return (_mlp([feat_dim, proj_hidden, proj_out], bn=True),
                 _mlp([proj_out, pred_hidden, proj_out], bn=True))
     if framework == "simsiam":
+        # the reference sets requires_grad False on projector[6].bias, but its flip_inpainter_grad(True) turns it
+        # back on at every step, so the bias is trained there (its gradient is ~0: a BatchNorm follows)
         return (_mlp([feat_dim, proj_hidden, proj_hidden, proj_out], bn=True, last_bn=True, bias=False),
                 _mlp([proj_out, pred_hidden, proj_out], bn=True, bias=False))
     raise ValueError(f"framework must be one of {FRAMEWORKS}, not {framework!r}")
@@ -209,30 +228,59 @@ def tau_at(progress: float, base: float = 0.99) -> float:
     return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
+# ----------------------------------------------------------------------------------------------- lr schedule
+def reference_lr(epoch: int, base_lr: float, warmup_epochs: int, max_epochs: int, warmup_start_lr: float,
+                 eta_min: float = 0.0) -> float:
+    """LR of `epoch` (0-based) under pl_bolts' LinearWarmupCosineAnnealingLR stepped once per epoch, computed by
+    its chainable recursion exactly as the reference runs it: `warmup_start_lr` at epoch 0, linear to `base_lr`
+    at epoch warmup_epochs - 1, cosine to `eta_min` at `max_epochs` and, past it, back up (the cosine continues)."""
+    w, m = warmup_epochs, max_epochs
+    if m <= w:
+        raise ValueError(f"the cosine needs max_epochs > warmup_epochs, got {m} <= {w} (epochs - train_mask_epoch "
+                         "for the encoder): lower warmup_epochs or train_mask_epoch")
+    lr = warmup_start_lr
+    for e in range(1, epoch + 1):
+        if e < w:
+            lr = lr + (base_lr - warmup_start_lr) / (w - 1)
+        elif e == w:
+            lr = base_lr
+        elif (e - 1 - m) % (2 * (m - w)) == 0:
+            lr = lr + (base_lr - eta_min) * (1 - math.cos(math.pi / (m - w))) / 2
+        else:
+            lr = ((1 + math.cos(math.pi * (e - w) / (m - w))) / (1 + math.cos(math.pi * (e - w - 1) / (m - w)))
+                  * (lr - eta_min) + eta_min)
+    return lr
+
+
 # ----------------------------------------------------------------------------------------------- model
 class ADIOS(nn.Module):
     """Encoder + heads (+ BYOL EMA target) and the occluder; the two objectives of the min-max game."""
 
     def __init__(self, encoder: nn.Module, framework: str = "byol", img_size: int = 224, num_masks: int = 6,
                  single_mask: bool = False, mask_fbase: int = 32, unet_norm: str = "gn",
-                 alpha_sparsity: float = 1.0, alpha_entropy: float = 0.0, area_eps: float = 1e-3,
+                 alpha_sparsity: float = 1.0, alpha_entropy: float = 0.0,
                  proj_hidden_dim: int = 4096, proj_output_dim: int = 256, pred_hidden_dim: int = 8192,
-                 temperature: float = 0.2, base_tau: float = 0.99, epochs: int = 1,
-                 train_mask_epoch: int = 0):
+                 temperature: float = 0.2, base_tau: float = 0.99, num_blocks: int | None = None,
+                 use_symmetry_mask: bool = True, use_no_mask: bool = True, use_both_mask: bool = True,
+                 epochs: int = 1, train_mask_epoch: int = 0, warmup_epochs: int = 0,
+                 warmup_start_lr: float = 0.003, min_lr: float = 0.0):
         super().__init__()
         if framework not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {FRAMEWORKS}, not {framework!r}")
         self.framework, self.num_masks, self.single_mask = framework, num_masks, single_mask
-        self.alpha_sparsity, self.alpha_entropy, self.area_eps = alpha_sparsity, alpha_entropy, area_eps
+        self.alpha_sparsity, self.alpha_entropy = alpha_sparsity, alpha_entropy
         self.temperature, self.base_tau = temperature, base_tau
+        self.simsiam_terms_on = {"symmetry": use_symmetry_mask, "no_mask": use_no_mask, "both": use_both_mask}
         self.encoder = encoder
         self.projector, self.predictor = build_heads(framework, feature_dim(encoder), proj_hidden_dim,
                                                      proj_output_dim, pred_hidden_dim)
         if framework == "byol":
             self.momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
             self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self.occluder = Occluder(img_size, num_masks, mask_fbase, unet_norm)
+        self.occluder = Occluder(img_size, num_masks, mask_fbase, unet_norm, num_blocks)
         self.epochs, self.train_mask_epoch = epochs, train_mask_epoch
+        self.warmup_epochs, self.warmup_start_lr, self.min_lr = warmup_epochs, warmup_start_lr, min_lr
+        self.lr_at(0, "encoder", 1.0)  # fails early on a schedule the reference cannot run
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
@@ -245,6 +293,13 @@ class ADIOS(nn.Module):
         """uint8 (or [0, 1] float) RGB views -> normalised float32, the input of encoder and occluder."""
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         return (x - self.mean) / self.std
+
+    def lr_at(self, epoch: int, side: str, base_lr: float) -> float:
+        """The reference's lr in `epoch` for a parameter group of `side` (encoder | occluder | static)."""
+        if side == "static":  # SimSiam predictor: the base lr once the scheduler has stepped
+            return self.warmup_start_lr if epoch == 0 else base_lr
+        horizon = self.epochs - self.train_mask_epoch if side == "encoder" else self.epochs
+        return reference_lr(epoch, base_lr, self.warmup_epochs, horizon, self.warmup_start_lr, self.min_lr)
 
     # -- parameter groups
     def encoder_side(self) -> list[nn.Module]:
@@ -270,52 +325,78 @@ class ADIOS(nn.Module):
             return self.momentum_projector(self.momentum_encoder(x))
 
     def pair_loss(self, orig: tuple, masked: tuple) -> torch.Tensor:
-        """Base SSL loss between the unmasked view and one masked view; each is (z, p, target z)."""
+        """SimCLR / BYOL loss between the unmasked view and one masked view; each is (z, p, target z)."""
         (z_o, p_o, t_o), (z_m, p_m, t_m) = orig, masked
         if self.framework == "simclr":
             return info_nce(z_o, z_m, self.temperature)
-        if self.framework == "byol":
-            return byol_loss(p_o, t_m) + byol_loss(p_m, t_o)
-        return simsiam_loss(p_o, z_m) / 2 + simsiam_loss(p_m, z_o) / 2
+        return byol_loss(p_o, t_m) + byol_loss(p_m, t_o)
+
+    def simsiam_terms(self, u1: tuple, u2: tuple, m1: tuple, m2: tuple) -> torch.Tensor:
+        """Mean of the reference's SimSiam terms; u: unmasked (z, p) of views 1 and 2, m: their masked (z, p)."""
+        (z1, p1), (z2, p2), (z1m, p1m), (z2m, p2m) = u1, u2, m1, m2
+        terms = [simsiam_loss(p1m, z2), simsiam_loss(p2m, z1)]          # masked p, unmasked z
+        if self.simsiam_terms_on["symmetry"]:
+            terms += [simsiam_loss(p2, z1m), simsiam_loss(p1, z2m)]     # unmasked p, masked z
+        if self.simsiam_terms_on["no_mask"]:
+            terms += [simsiam_loss(p1, z2), simsiam_loss(p2, z1)]
+        if self.simsiam_terms_on["both"]:
+            terms += [simsiam_loss(p1m, z2m), simsiam_loss(p2m, z1m)]
+        return torch.stack(terms).mean()
 
     def _branch(self, x: torch.Tensor) -> tuple:
         z, p = self._online(x)
         return z, p, self._target(x, z)
 
-    def ssl_loss(self, x_orig: torch.Tensor, x_tr: torch.Tensor, masks: torch.Tensor,
+    def masks_of(self, x_orig: torch.Tensor, x_tr: torch.Tensor) -> list[torch.Tensor]:
+        """Occluder masks of the views that get masked: [x_tr's] ([x_orig's, x_tr's] for SimSiam)."""
+        views = (x_orig, x_tr) if self.framework == "simsiam" else (x_tr,)
+        return [self.occluder(v) for v in views]
+
+    def ssl_loss(self, x_orig: torch.Tensor, x_tr: torch.Tensor, masks: list[torch.Tensor],
                  mask_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_n ssl(x_orig, x_tr * (1 - m_n)); ADIOS-s: one mask per image, chosen by `mask_ids` (B,)."""
-        orig = self._branch(x_orig)
+        """sum_n ssl(x_orig, x_tr * (1 - m_n)) (`masks` from `masks_of`); ADIOS-s: one mask per image, index
+        `mask_ids` (B,) (drawn here when None), the same index for both of SimSiam's views."""
+        b = x_tr.shape[0]
         if self.single_mask:
             if mask_ids is None:
-                mask_ids = torch.randint(self.num_masks, (x_tr.shape[0],), device=x_tr.device)
-            mask = masks[torch.arange(x_tr.shape[0], device=x_tr.device), mask_ids].unsqueeze(1)
-            return self.pair_loss(orig, self._branch(apply_mask(x_tr, mask)))
-        return sum(self.pair_loss(orig, self._branch(apply_mask(x_tr, masks[:, n:n + 1])))
-                   for n in range(self.num_masks))
+                mask_ids = torch.randint(self.num_masks, (b,))
+            rows, ids = torch.arange(b, device=x_tr.device), mask_ids.to(x_tr.device)
+            chosen = [[m[rows, ids].unsqueeze(1) for m in masks]]
+        else:
+            chosen = [[m[:, n:n + 1] for m in masks] for n in range(self.num_masks)]
+        if self.framework == "simsiam":
+            u1, u2 = self._online(x_orig), self._online(x_tr)
+            return sum(self.simsiam_terms(u1, u2, self._online(apply_mask(x_orig, m1)),
+                                          self._online(apply_mask(x_tr, m2))) for m1, m2 in chosen)
+        orig = self._branch(x_orig)
+        return sum(self.pair_loss(orig, self._branch(apply_mask(x_tr, m))) for (m,) in chosen)
 
     def encoder_loss(self, x_orig: torch.Tensor, x_tr: torch.Tensor,
                      mask_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to minimise, masks): masks computed from x_tr without gradient."""
+        """(loss to minimise, x_tr's masks): masks computed without gradient."""
         with torch.no_grad():
-            masks = self.occluder(x_tr)
-        return self.ssl_loss(x_orig, x_tr, masks, mask_ids), masks
+            masks = self.masks_of(x_orig, x_tr)
+        return self.ssl_loss(x_orig, x_tr, masks, mask_ids), masks[-1]
 
     def occluder_objective(self, x_orig: torch.Tensor, x_tr: torch.Tensor,
                            mask_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """(objective the occluder maximises, logs): SSL loss - alpha_s * sparsity + alpha_e * neg. entropy.
+        """(objective the occluder maximises, logs): SSL loss - alpha_s * sparsity + alpha_e * neg. entropy,
+        the penalties over every masked view's N masks.
 
         Call with the encoder side frozen (`frozen`); gradients then reach only the occluder.
         """
-        masks = self.occluder(x_tr)
-        areas = mask_areas(masks)
+        masks = self.masks_of(x_orig, x_tr)
+        areas = [mask_areas(m) for m in masks]
         ssl = self.ssl_loss(x_orig, x_tr, masks, mask_ids)
-        penalty = sparsity_penalty(areas, self.area_eps)
+        penalty = sum(sparsity_penalty(a) for a in areas)
         objective = ssl - self.alpha_sparsity * penalty
-        if self.alpha_entropy:
-            objective = objective + self.alpha_entropy * area_neg_entropy(areas)
+        if self.alpha_entropy:  # the reference: ADIOS-s per view, full ADIOS over all views' masks at once
+            neg_entropy = (sum(area_neg_entropy(a) for a in areas) if self.single_mask
+                           else area_neg_entropy(torch.cat(areas, 1)))
+            objective = objective + self.alpha_entropy * neg_entropy
+        all_areas = torch.cat(areas, 1).detach()
         logs = {"mask_ssl": ssl.detach(), "mask_penalty": penalty.detach(),
-                "area_min": areas.detach().min(), "area_max": areas.detach().max()}
+                "area_min": all_areas.min(), "area_max": all_areas.max()}
         return objective, logs
 
     @torch.no_grad()
@@ -343,10 +424,10 @@ class frozen:
             p.requires_grad_(True)
 
 
-def adios_step(model: ADIOS, enc_opt: torch.optim.Optimizer, occ_opt: torch.optim.Optimizer | None,
+def adios_step(model: ADIOS, enc_opt: torch.optim.Optimizer, occ_opt: torch.optim.Optimizer,
                x_orig: torch.Tensor, x_tr: torch.Tensor, tau: float | None = None,
                autocast=nullcontext, scaler: Any = None) -> dict[str, torch.Tensor]:
-    """One batch of the min-max game: the encoder step, then (if `occ_opt`) the occluder step, then the EMA.
+    """One batch of the min-max game: the encoder step, then the occluder step, then the EMA.
 
     `enc_opt` and `occ_opt` may be the same optimiser holding both sides' parameter groups: every step sets all
     gradients to None first and produces gradients for its own side only. Without a DDP forward, gradients are
@@ -366,19 +447,14 @@ def adios_step(model: ADIOS, enc_opt: torch.optim.Optimizer, occ_opt: torch.opti
 
     enc_params, occ_params = model.encoder_parameters(), model.occluder_parameters()
     with autocast():
-        loss, masks = model.encoder_loss(x_orig, x_tr)
+        loss, _ = model.encoder_loss(x_orig, x_tr)
     backward_step(loss, enc_opt, enc_params)
-    logs = {"loss": loss.detach()}
-    if occ_opt is not None:
-        with frozen(enc_params):
-            with autocast():
-                objective, mask_logs = model.occluder_objective(x_orig, x_tr)
-            backward_step(-objective, occ_opt, occ_params)
-        occ_opt.zero_grad(set_to_none=True)
-        logs.update(mask_logs)
-    else:
-        areas = mask_areas(masks)
-        logs.update(area_min=areas.min(), area_max=areas.max())
+    with frozen(enc_params):
+        with autocast():
+            objective, mask_logs = model.occluder_objective(x_orig, x_tr)
+        backward_step(-objective, occ_opt, occ_params)
+    occ_opt.zero_grad(set_to_none=True)
+    logs = {"loss": loss.detach(), **mask_logs}
     if tau is not None:
         model.update_momentum(tau)
     return logs
@@ -401,10 +477,11 @@ def build_model(cfg: dict) -> ADIOS:
     cfg = {**DEFAULTS, **cfg}
     arch_kwargs = {"width": cfg["width"]} if cfg.get("width", 64) != 64 else {}
     encoder = build_backbone(cfg["arch"], **arch_kwargs)
-    return ADIOS(encoder, cfg["framework"], cfg["img_size"], cfg["num_masks"], cfg["single_mask"],
-                 cfg["mask_fbase"], cfg["unet_norm"], cfg["alpha_sparsity"], cfg["alpha_entropy"],
-                 cfg["area_eps"], cfg["proj_hidden_dim"], cfg["proj_output_dim"], cfg["pred_hidden_dim"],
-                 cfg["temperature"], cfg["base_tau"], cfg.get("epochs", 1), cfg["train_mask_epoch"])
+    keys = ("framework", "img_size", "num_masks", "single_mask", "mask_fbase", "unet_norm", "alpha_sparsity",
+            "alpha_entropy", "proj_hidden_dim", "proj_output_dim", "pred_hidden_dim", "temperature", "base_tau",
+            "num_blocks", "use_symmetry_mask", "use_no_mask", "use_both_mask", "epochs", "train_mask_epoch",
+            "warmup_epochs", "warmup_start_lr", "min_lr")
+    return ADIOS(encoder, **{k: cfg[k] for k in keys if k in cfg})
 
 
 def preprocessing(cfg: dict) -> Preprocessing:
@@ -413,34 +490,57 @@ def preprocessing(cfg: dict) -> Preprocessing:
 
 
 def param_groups(model: ADIOS, cfg: dict) -> list[dict]:
-    """Encoder side at lr, occluder at mask_lr (both scaled by batch_size / lr_batch as common.py scales lr).
+    """Encoder side at lr, occluder at mask_lr (both scaled by batch_size / lr_batch as common.py scales lr);
+    each group records its side ("adios_side": encoder | occluder | static, SimSiam's predictor) and base lr for
+    `train_step`'s reference schedule.
 
     Weights: weight decay + LARS adaptation with clipping (solo-learn's LARSWrapper(clip=True)); biases and norm
     parameters: neither. The reference applies the same weight decay to both sides.
     """
-    mask_lr = cfg["mask_lr"] * cfg["batch_size"] / cfg["lr_batch"]
+    scale = cfg["batch_size"] / cfg["lr_batch"]
+    lr, mask_lr = cfg["lr"] * scale, cfg["mask_lr"] * scale
+    static = [model.predictor] if model.framework == "simsiam" else []
+    sides = [([m for m in model.encoder_side() if m not in static], "encoder", lr), (static, "static", lr),
+             ([model.occluder], "occluder", mask_lr)]
     groups = []
-    for modules, extra in ((model.encoder_side(), {}), ([model.occluder], {"lr": mask_lr})):
+    for modules, side, base in sides:
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        extra = {"lr": base, "adios_side": side, "adios_base_lr": base}
         groups.append({"params": [p for p in params if p.ndim > 1], "weight_decay": cfg["weight_decay"],
                        "trust_clip": True, **extra})
         groups.append({"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, **extra})
-    return groups
+    return [g for g in groups if g["params"]]
+
+
+def set_reference_lrs(model: ADIOS, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    """Every parameter group's lr for `epoch` from the reference's per-epoch schedules (`ADIOS.lr_at`)."""
+    for group in optimizer.param_groups:
+        if "adios_side" not in group:
+            raise ValueError("ADIOS needs the optimizer built with pretrain.adios.param_groups "
+                             "(build_optimizer(..., module=pretrain.adios))")
+        group["lr"] = model.lr_at(epoch, group["adios_side"], group["adios_base_lr"])
 
 
 def train_step(model: nn.Module, views: list[torch.Tensor], optimizer, scheduler, scaler=None,
                autocast=nullcontext, progress: float = 0.0) -> dict[str, torch.Tensor]:
-    """common.py's step for ADIOS: both steps of the min-max game on one batch, one scheduler step, the EMA.
+    """common.py's step for ADIOS: both steps of the min-max game on one batch, then the EMA.
 
-    Calls the unwrapped model (a DDP forward would expect gradients for every parameter in both steps);
-    gradients are all-reduced by `adios_step` instead.
+    The lrs come from the reference's per-epoch schedules: this step's index is `scheduler.last_epoch` (common.py's
+    LambdaLR, stepped once per batch and checkpointed), the steps per epoch follow from `progress` =
+    (step + 1) / (epochs * steps_per_epoch). Calls the unwrapped model (a DDP forward would expect gradients for
+    every parameter in both steps); gradients are all-reduced by `adios_step` instead.
     """
     m = unwrap(model)
+    if progress <= 0:
+        raise ValueError("adios.train_step needs progress = (step + 1) / total steps (common.train passes it)")
+    step = scheduler.last_epoch
+    steps_per_epoch = max(1, round((step + 1) / progress) // m.epochs)
+    set_reference_lrs(m, optimizer, step // steps_per_epoch)
     x_orig, x_tr = m.prepare(views[0]), m.prepare(views[1])
-    train_occluder = progress * m.epochs > m.train_mask_epoch + 1e-9  # this step's epoch >= train_mask_epoch
     tau = tau_at(progress, m.base_tau) if m.framework == "byol" else None
-    logs = adios_step(m, optimizer, optimizer if train_occluder else None, x_orig, x_tr, tau, autocast, scaler)
+    logs = adios_step(m, optimizer, optimizer, x_orig, x_tr, tau, autocast, scaler)
     scheduler.step()
+    set_reference_lrs(m, optimizer, (step + 1) // steps_per_epoch)  # what common.py logs for the next step
     return logs
 
 
