@@ -10,6 +10,7 @@ purpose (heads, momentum encoders, queues). Adding a layout is adding a row.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import dataclasses
 import pickle
 import re
@@ -42,10 +43,11 @@ class Layout:
 _HEADS = (
     (r"(^|\.)fc\.", "classifier / projection head (fc)"),
     (r"(^|\.)(head|heads|fc_norm|classifier)\.", "classification / SSL head"),
-    (r"(^|\.)(projector|projection_head|projection|predictor|prototypes|neck|bn)\.", "SSL projection/prediction head"),
-    (r"(^|\.)(momentum_|target_|mm_)", "momentum / target encoder"),
     (r"(^|\.)(decoder_|mask_token|projector_decoder_blocks|predictor_decoder_blocks|stage\d_output_decode)",
      "masked-image-modelling decoder"),
+    (r"(^|\.)(projector|projection_head|predictor|prototypes|neck|bn)\.|(^|(?<!patch_embed)\.)projection\.",
+     "SSL projection/prediction head"),  # MMPretrain's patch_embed.projection is the trunk's patch embedding
+    (r"(^|\.)(momentum_|target_|mm_)", "momentum / target encoder"),
     (r"(^|\.)(mask_encoder|mask_head)\.", "ADIOS occlusion model"),
     (r"(^|\.)encoder_k\.", "momentum (key) encoder"),
     (r"(^|\.)queue\d?(_ptr)?$", "negative queue"),
@@ -272,6 +274,9 @@ def _data_only_pickle(stood_in: set[str]):
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
+            if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names (protocol < 3 pickles)
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
             qualname = f"{module}.{name}"
             if qualname in allowed or (module.startswith("numpy") and name.endswith("DType")):
                 return super().find_class(module, name)
