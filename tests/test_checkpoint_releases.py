@@ -7,6 +7,7 @@ import argparse
 import functools
 import os
 import pickle
+import re
 import sys
 import types
 
@@ -364,11 +365,14 @@ def test_mmpretrain_mocov3_vit(tmp_path, vit):
     assert report.dropped["momentum_encoder.module.0.ln1.weight"] == "momentum / target encoder"
 
 
-def test_mmpretrain_layer_scale_vit_refused_with_the_keys(tmp_path, vit):
-    """DeiT III / BEiT-style layer scale (attn.gamma1.weight) has no place in bench's timm ViT: refused, named."""
+@pytest.mark.parametrize("mm_key,timm_key", [("backbone.layers.0.attn.gamma1.weight", "blocks.0.ls1.gamma"),
+                                             ("backbone.pre_norm.weight", "norm_pre.weight")])
+def test_mmpretrain_vit_extras_refused_with_the_keys(tmp_path, vit, mm_key, timm_key):
+    """DeiT III / BEiT-style layer scale (attn.gamma1.weight) and CLIP-style pre_norm have no place in bench's
+    timm ViT: refused, named, never dropped silently."""
     sd = _timm_to_mmpretrain(vit)
-    sd["backbone.layers.0.attn.gamma1.weight"] = torch.ones(192)
-    with pytest.raises(CheckpointError, match=r"blocks\.0\.ls1\.gamma"):
+    sd[mm_key] = torch.ones(192)
+    with pytest.raises(CheckpointError, match=re.escape(timm_key)):
         to_artifact(_save(tmp_path / "deit3.pth", {"state_dict": sd}))
 
 

@@ -1,9 +1,12 @@
 """One way in for every backbone checkpoint: format detection, key mapping and a load audit.
 
-`load_backbone(path)` reads a file without unpickling arbitrary objects (`weights_only`), detects its layout,
-maps its keys to the canonical torchvision/timm trunk names, and reports matched / missing / unexpected keys
-per module plus every dropped key with the reason. A load that would leave any trunk parameter uninitialised
-is refused with the audit in the error, unless `allow_partial=True` (which the result record then carries).
+`load_backbone(path)` reads a file without running pickled code (`weights_only`, or a data-only unpickler that
+stands inert placeholders in for functions and classes in entries bench drops, such as optimizer and scheduler
+state), detects its layout, maps its keys to the canonical torchvision/timm trunk names, and reports matched /
+missing / unexpected keys per module plus every dropped key with the reason. A load that would leave any trunk
+parameter uninitialised, or carries trunk-prefixed tensors the architecture does not have, is refused with the
+audit in the error, unless `allow_partial=True` (which the result record then carries); an artifact holds the
+architecture's trunk tensors only.
 
 Layouts are rows of `LAYOUTS`: a name, the prefix that marks trunk keys, and the key families dropped on
 purpose (heads, momentum encoders, queues). Adding a layout is adding a row.
@@ -255,12 +258,15 @@ def _stand_in(qualname: str) -> type:
 
 
 def _allowed_globals() -> set[str]:
-    """The tensor allowlist: what torch.load(weights_only=True) resolves, plus the data-only `_SAFE_GLOBALS`."""
+    """The tensor allowlist: what torch.load(weights_only=True) resolves, less the rebuild functions of sparse,
+    nested, quantised, meta and wrapper-subclass tensors (no backbone has them; weights_only validates them, this
+    path would not), plus the data-only `_SAFE_GLOBALS`."""
     allowed = {f"{module}.{name}" for module, name in _SAFE_GLOBALS}
     try:
         from torch._weights_only_unpickler import _get_allowed_globals
 
-        allowed |= set(_get_allowed_globals())
+        allowed |= {name for name in _get_allowed_globals()
+                    if not re.search(r"_rebuild_(sparse|nested|qtensor|meta|wrapper|device)", name)}
     except ImportError:  # older/newer torch: the rebuild functions every tensor pickle uses
         allowed |= {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter", "torch.Size",
                     "torch._utils._rebuild_parameter_with_state", "_codecs.encode", "torch.device"}
