@@ -263,6 +263,18 @@ def test_malicious_pickle_never_runs(tmp_path, r50, where, zip_format):
     assert not marker.exists()
 
 
+def test_moco_v2_legacy_pth_tar(tmp_path, r50):
+    """MoCo v2's moco_v2_800ep_pretrain.pth.tar was written by torch < 1.6 (legacy, non-zip): main_moco.py
+    save_checkpoint({'epoch', 'arch', 'state_dict', 'optimizer'}) with encoder_q/encoder_k/queue/queue_ptr."""
+    sd = {**_under("module.encoder_q.", r50), **_linear("module.encoder_q.fc.0", 512, 512),
+          **_linear("module.encoder_q.fc.2", 512, 128), **_under("module.encoder_k.", r50),
+          "module.queue": torch.randn(128, 65536), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
+    ckpt = {"epoch": 800, "arch": "resnet50", "state_dict": sd,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "momentum": 0.9, "params": [0, 1]}]}}
+    assert_loads_exactly(_save(tmp_path / "moco_v2_800ep_pretrain.pth.tar", ckpt, zip_format=False), sd, "moco",
+                         "module.encoder_q.")
+
+
 # ------------------------------------------------------------------------------------------------ 4. bad files
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_truncated_checkpoint_names_the_cause(tmp_path, r50, zip_format):

@@ -428,7 +428,8 @@ def read_state_dict(path: str | Path, state_key: str | None = None) -> tuple[dic
             where = f"entry {'.'.join(wrapper)!r}, which holds the weights," if wrapper else "the weights dictionary"
             raise CheckpointError(forbidden.format(path=path, where=where, names=", ".join(sorted(inside))))
         entries = root.items() if isinstance(root, dict) else [("<top level>", root)]
-        meta["stand_ins"] = {str(k): sorted(_stand_ins_in(v)) for k, v in entries if _stand_ins_in(v)}
+        found = {str(k): sorted(_stand_ins_in(v)) for k, v in entries}
+        meta["stand_ins"] = {k: names for k, names in found.items() if names}
     meta["wrapper"] = ".".join(wrapper)
     return {k: _as_tensor(v) for k, v in obj.items() if _is_array(v)}, meta
 
@@ -590,7 +591,7 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
     tensors, meta = read_state_dict(path, state_key)
     notes = [f"weights read from entry {meta['wrapper']!r}"] if meta.get("wrapper") else []
     for entry, names in meta.get("stand_ins", {}).items():
-        notes.append(f"entry {entry!r} (not used by bench) pickles {', '.join(names)}: stood in by inert "
+        notes.append(f"entry {entry!r} pickles, outside the weights, {', '.join(names)}: stood in by inert "
                      "placeholders, nothing imported or run")
     if "bench" in meta:
         art = artifact_from_tensors(tensors, meta, path)
