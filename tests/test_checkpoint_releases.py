@@ -10,6 +10,7 @@ import pickle
 import re
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -375,6 +376,35 @@ def test_mmpretrain_mocov3_vit(tmp_path, vit):
                                                                                     state_dict}), vit,
                                      "mmpretrain-vit")
     assert report.dropped["momentum_encoder.module.0.ln1.weight"] == "momentum / target encoder"
+
+
+def _fixture_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_mmpretrain_vit", Path(__file__).parent / "fixtures" /
+                                                  "make_mmpretrain_vit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model", ["mae", "mocov3"])
+def test_mmpretrain_vit_tokens_equal_mmpretrains(tmp_path, model):
+    """Golden fixture from MMPretrain's own MAE / MoCo v3 models (tests/fixtures/make_mmpretrain_vit.py): the file
+    holds the real full state-dict names (backbone, neck, head, momentum encoder); bench's timm ViT, loaded from it,
+    computes MMPretrain's backbone tokens."""
+    make = _fixture_module()
+    fixture = torch.load(Path(__file__).parent / "fixtures" / "mmpretrain_vit.pt")[model]
+    state_dict = make.seeded_state(fixture["keys"])
+    path = _save(tmp_path / f"{model}_vit-tiny-p16_epoch_300.pth", {"meta": {"epoch": 300}, "state_dict":
+                                                                    state_dict})
+    backbone, report = load_backbone(path)
+    assert report.ok and report.format == "mmpretrain-vit" and backbone.arch == "vit_tiny_patch16"
+    assert report.count("matched") + len(report.dropped) == len(state_dict)
+    assert not any(k.startswith("backbone.") for k in report.dropped)
+    with torch.no_grad():
+        tokens = backbone.trunk.eval().forward_features(make.seeded_images())
+    torch.testing.assert_close(tokens, fixture["tokens"], atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mm_key,timm_key", [("backbone.layers.0.attn.gamma1.weight", "blocks.0.ls1.gamma"),
