@@ -84,8 +84,9 @@ def _save(path, obj, zip_format=True):
 
 # ------------------------------------------------------------------------------------------------ 1. detectron2
 def _moco_convert_to_detectron2(state, prefix):
-    """facebookresearch/moco detection/convert-pretrain-to-detectron2.py (and PixPro's copy), verbatim rules: every
-    key under the encoder prefix is renamed, the MLP head `fc.0/fc.2` included (it becomes `stem.fc.*`)."""
+    """facebookresearch/moco detection/convert-pretrain-to-detectron2.py (PixPro's copy and detectron2's
+    convert-torchvision-to-d2.py use the same rules), verbatim: every key under the encoder prefix is renamed, the
+    head included (`fc.0/fc.2`, or torchvision's `fc`, become `stem.fc*`)."""
     newmodel = {}
     for k, v in state.items():
         if not k.startswith(prefix):
@@ -103,18 +104,22 @@ def _moco_convert_to_detectron2(state, prefix):
     return newmodel
 
 
-@pytest.mark.parametrize("author,prefix", [("MOCO", "module.encoder_q."), ("PixPro", "module.encoder.")])
-def test_detectron2_converter_output_drops_the_mlp_head(tmp_path, r50, author, prefix):
+@pytest.mark.parametrize("author,prefix,head", [("MOCO", "module.encoder_q.", ("fc.0", "fc.2")),
+                                                ("PixPro", "module.encoder.", ("fc.0", "fc.2")),
+                                                ("torchvision", "", ("fc",))])
+def test_detectron2_converter_output_drops_the_head(tmp_path, r50, author, prefix, head):
+    """MoCo's / PixPro's convert-pretrain-to-detectron2.py and detectron2's tools/convert-torchvision-to-d2.py share
+    the renaming rules: the MLP head / classifier lands under `stem.fc*` and must be dropped with a reason."""
     dim = 512  # the slim trunk's feature width
-    ckpt = {**_under(prefix, r50), **_linear(prefix + "fc.0", dim, dim), **_linear(prefix + "fc.2", dim, 128)}
-    path = tmp_path / "moco_v2_800ep.pkl"
+    ckpt = {**_under(prefix, r50), **{k: v for i, name in enumerate(head)
+                                      for k, v in _linear(prefix + name, dim if i == 0 else 64, 64).items()}}
+    path = tmp_path / "model_d2.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": _moco_convert_to_detectron2(ckpt, prefix), "__author__": author,
                      "matching_heuristics": True}, f)
     art, report = assert_loads_exactly(path, r50, "detectron2")
-    assert {k for k in report.dropped} == {"stem.fc.0.weight", "stem.fc.0.bias", "stem.fc.2.weight",
-                                           "stem.fc.2.bias"}
-    assert all("projection head" in r for r in report.dropped.values())
+    assert set(report.dropped) == {f"stem.{name}.{p}" for name in head for p in ("weight", "bias")}
+    assert all("head (fc)" in r for r in report.dropped.values())
     assert not any(k.startswith("fc.") for k in art.state_dict)
 
 

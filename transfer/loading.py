@@ -136,7 +136,8 @@ LAYOUTS = (
     Layout("detectron2", "", ((r"^(proposal_generator|roi_heads\.(box|mask)_(predictor|head))\.",
                                "detection heads"),
                               (r"^(backbone\.(bottom_up\.)?)?stem\.fc\.",
-                               "projection head (fc) that MoCo's/PixPro's detectron2 converters keep under stem."),
+                               "classifier / projection head (fc) that the detectron2 converters (detectron2's, "
+                               "MoCo's, PixPro's) keep under stem."),
                               (r"^(backbone\.(bottom_up\.)?)?fpn_", "FPN (detection neck)")),
            rename=_detectron2_to_torchvision,
            about="detectron2 .pkl/.pth (MoCo/PixPro/VISSL converters, trained C4/FPN models)"),
