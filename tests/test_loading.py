@@ -104,16 +104,31 @@ def test_refuses_wrong_arch(tmp_path, source_state):
 
 
 class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/bench-pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
-def test_never_unpickles_code(tmp_path, source_state):
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_never_unpickles_code(tmp_path, source_state, zip_format):
+    """A payload among the weights refuses the file, naming the global; one in an entry bench drops is stood in
+    by an inert placeholder (noted in the audit). Neither ever runs."""
+    marker = tmp_path / "pwned"
+    inside = {"state_dict": {**source_state, "layer1.0.conv1.weight": _Payload(marker)}}
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": source_state, "extra": _Payload()}, path)
-    with pytest.raises(CheckpointError, match="refused"):
+    torch.save(inside, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError, match=r"refused: entry 'state_dict', which holds the weights, holds "
+                                              r"pickled objects of posix\.system"):
         load_backbone(path)
-    assert not os.path.exists("/tmp/bench-pwned")
+    beside = {"state_dict": source_state, "extra": _Payload(marker)}
+    torch.save(beside, path, _use_new_zipfile_serialization=zip_format)
+    backbone, report = load_backbone(path)
+    assert report.ok and any("'extra'" in n and "posix.system" in n and "nothing imported or run" in n
+                             for n in report.notes), report.notes
+    assert_trunk_equals(backbone, source_state)
+    assert not marker.exists()
 
 
 def test_corrupt_and_unknown_files(tmp_path):

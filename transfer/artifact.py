@@ -162,6 +162,18 @@ def trunk_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if not k.startswith(("fc.", "head.")) and not k.endswith("num_batches_tracked")}
 
 
+def check_trunk_only(artifact: "BackboneArtifact", model_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise ArtifactError unless every tensor of the artifact is a parameter or buffer of its architecture's trunk,
+    with that tensor's shape (heads, projectors and anything else never enter an artifact)."""
+    if model_state is None:
+        model_state = build_backbone(artifact.arch, **artifact.arch_kwargs).state_dict()
+    stray = [f"{k} {tuple(v.shape)}" for k, v in artifact.state_dict.items()
+             if k not in model_state or tuple(v.shape) != tuple(model_state[k].shape)]
+    if stray:
+        raise ArtifactError(f"artifact for {artifact.arch} {artifact.arch_kwargs or ''} holds {len(stray)} tensors "
+                            f"that are no trunk parameter or buffer of that architecture: {', '.join(stray[:8])}")
+
+
 # ----------------------------------------------------------------------------------------------- preprocessing
 class InputTransform(nn.Module):
     """Images as floats in [0, 1] (B, 3, H, W, RGB) -> the tensor the backbone expects.
@@ -236,9 +248,11 @@ def code_version() -> str:
 
 
 def save_artifact(path: str | os.PathLike, artifact: BackboneArtifact) -> Path:
-    """Write the artifact atomically (temp file + rename) as safetensors with JSON metadata."""
+    """Write the artifact atomically (temp file + rename) as safetensors with JSON metadata; refuses tensors
+    that are not part of the trunk (`check_trunk_only`)."""
     from safetensors.torch import save_file
 
+    check_trunk_only(artifact)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in artifact.state_dict.items()}

@@ -1,18 +1,23 @@
 """One way in for every backbone checkpoint: format detection, key mapping and a load audit.
 
-`load_backbone(path)` reads a file without unpickling arbitrary objects (`weights_only`), detects its layout,
-maps its keys to the canonical torchvision/timm trunk names, and reports matched / missing / unexpected keys
-per module plus every dropped key with the reason. A load that would leave any trunk parameter uninitialised
-is refused with the audit in the error, unless `allow_partial=True` (which the result record then carries).
+`load_backbone(path)` reads a file without running pickled code (`weights_only`, or a data-only unpickler that
+stands inert placeholders in for functions and classes in entries bench drops, such as optimizer and scheduler
+state), detects its layout, maps its keys to the canonical torchvision/timm trunk names, and reports matched /
+missing / unexpected keys per module plus every dropped key with the reason. A load that would leave any trunk
+parameter uninitialised, or carries trunk-prefixed tensors the architecture does not have, is refused with the
+audit in the error, unless `allow_partial=True` (which the result record then carries); an artifact holds the
+architecture's trunk tensors only.
 
 Layouts are rows of `LAYOUTS`: a name, the prefix that marks trunk keys, and the key families dropped on
 purpose (heads, momentum encoders, queues). Adding a layout is adding a row.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import dataclasses
 import pickle
 import re
+import types
 import warnings
 import zipfile
 from collections import OrderedDict, defaultdict
@@ -21,7 +26,7 @@ from pathlib import Path
 import torch
 
 from transfer.artifact import (ArtifactError, Backbone, BackboneArtifact, Preprocessing, artifact_from_tensors,
-                               build_backbone)
+                               build_backbone, check_trunk_only)
 
 
 class CheckpointError(ArtifactError):
@@ -41,17 +46,53 @@ class Layout:
 _HEADS = (
     (r"(^|\.)fc\.", "classifier / projection head (fc)"),
     (r"(^|\.)(head|heads|fc_norm|classifier)\.", "classification / SSL head"),
-    (r"(^|\.)(projector|projection_head|projection|predictor|prototypes|neck|bn)\.", "SSL projection/prediction head"),
-    (r"(^|\.)(momentum_|target_|mm_)", "momentum / target encoder"),
     (r"(^|\.)(decoder_|mask_token|projector_decoder_blocks|predictor_decoder_blocks|stage\d_output_decode)",
      "masked-image-modelling decoder"),
+    (r"(^|\.)(projector|projection_head|predictor|prototypes|neck|bn)\.|(^|(?<!patch_embed)\.)projection\.",
+     "SSL projection/prediction head"),  # MMPretrain's patch_embed.projection is the trunk's patch embedding
+    (r"(^|\.)(momentum_|target_|mm_)", "momentum / target encoder"),
     (r"(^|\.)(mask_encoder|mask_head)\.", "ADIOS occlusion model"),
+    (r"(^|\.)encoder_k\.", "momentum (key) encoder"),
+    (r"(^|\.)queue\d?(_ptr)?$", "negative queue"),
 )
 
 
 def _convvit_key(key: str) -> str | None:
     """ConvMAE's encoder keys pass; anything else is not part of a ConvViT trunk."""
     return key if re.match(r"(patch_embed[1-4]|blocks[1-3])\.|pos_embed$|norm\.", key) else None
+
+
+_MMPRETRAIN_VIT = (  # MMPretrain/MMSelfSup VisionTransformer -> timm (reverse of tools/model_converters/*_to_mmpretrain.py)
+    (r"^patch_embed\.projection\.", "patch_embed.proj."),
+    (r"^layers\.(\d+)\.ln([12])\.", r"blocks.\1.norm\2."),
+    (r"^layers\.(\d+)\.attn\.(qkv|proj)\.", r"blocks.\1.attn.\2."),
+    (r"^layers\.(\d+)\.attn\.gamma1\.weight$", r"blocks.\1.ls1.gamma"),
+    (r"^layers\.(\d+)\.ffn\.layers\.0\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^layers\.(\d+)\.ffn\.layers\.1\.", r"blocks.\1.mlp.fc2."),
+    (r"^layers\.(\d+)\.ffn\.gamma2\.weight$", r"blocks.\1.ls2.gamma"),
+    (r"^ln1\.", "norm."),            # the backbone's final norm (final_norm=True)
+    (r"^pre_norm\.", "norm_pre."),   # pre_norm=True (CLIP-style); no bench ViT has one, so the audit refuses it
+    (r"^(cls_token|pos_embed)$", r"\1"),
+)
+_TORCHVISION_VIT = (  # torchvision.models.VisionTransformer -> timm
+    (r"^conv_proj\.", "patch_embed.proj."), (r"^class_token$", "cls_token"),
+    (r"^encoder\.pos_embedding$", "pos_embed"), (r"^encoder\.ln\.", "norm."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.ln_([12])\.", r"blocks.\1.norm\2."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(0|linear_1)\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.mlp\.(3|linear_2)\.", r"blocks.\1.mlp.fc2."),
+)
+
+
+def _renamer(rules):
+    """key -> the first rule's substitution, or None (not a trunk key) when no rule matches."""
+    def rename(key: str) -> str | None:
+        for pattern, repl in rules:
+            if re.search(pattern, key):
+                return re.sub(pattern, repl, key)
+        return None
+    return rename
 
 
 def _detectron2_to_torchvision(key: str) -> str | None:
@@ -86,16 +127,29 @@ LAYOUTS = (
            about="DINO student, Barlow Twins/VICReg training checkpoints"),
     Layout("lightning-encoder", "encoder.", _HEADS, method="adios", about="ADIOS Lightning checkpoints"),
     Layout("ddp-module", "module.", _HEADS, about="SwAV, DINO, Barlow Twins, VICReg DDP state dicts"),
+    Layout("mmpretrain-vit", "backbone.", _HEADS, rename=_renamer(_MMPRETRAIN_VIT),
+           about="MMPretrain/MMSelfSup ViT (MAE, MoCo v3, ...): layers.N.ln1, ffn.layers.0.0, patch_embed.projection"),
+    Layout("module-encoder", "module.encoder.",
+           ((r"^module\.(encoder_k|projector_k|projector_instance_k)\.", "momentum (key) encoder and its head"),
+            (r"^module\.(value_transform|projector_instance)\.", "PixPro pixel-propagation / instance head"))
+           + _HEADS, about="SimSiam main_simsiam.py and PixPro ckpt_epoch_*.pth (`model`) checkpoints"),
     Layout("detectron2", "", ((r"^(proposal_generator|roi_heads\.(box|mask)_(predictor|head))\.",
-                               "detection heads"),), rename=_detectron2_to_torchvision,
-           about="detectron2 .pkl/.pth (MoCo/VISSL converters, trained C4/FPN models)"),
+                               "detection heads"),
+                              (r"^(backbone\.(bottom_up\.)?)?stem\.fc\.",
+                               "classifier / projection head (fc) that the detectron2 converters (detectron2's, "
+                               "MoCo's, PixPro's) keep under stem."),
+                              (r"^(backbone\.(bottom_up\.)?)?fpn_", "FPN (detection neck)")),
+           rename=_detectron2_to_torchvision,
+           about="detectron2 .pkl/.pth (MoCo/PixPro/VISSL converters, trained C4/FPN models)"),
     Layout("convmae", "", _HEADS, method="convmae", rename=_convvit_key,
            about="ConvMAE/ConvViT encoder checkpoints (`model` entry; decoder and fusion convs dropped)"),
+    Layout("torchvision-vit", "", _HEADS, rename=_renamer(_TORCHVISION_VIT),
+           about="torchvision VisionTransformer (vit_b_16-*.pth): conv_proj, encoder.layers.encoder_layer_N"),
     Layout("torchvision", "", _HEADS,
-           about="torchvision/timm state dicts; MAE, SiameseIM, DINO/Barlow/VICReg/SimCLR/BYOL releases"),
+           about="torchvision/timm state dicts; MAE, SiameseIM, DeiT, iBOT, DenseCL, DINO/Barlow/VICReg releases"),
 )
 WRAPPERS = ("classy_state_dict", "base_model", "state_dict", "model_state_dict", "model", "trunk", "module",
-            "teacher", "student")
+            "teacher", "student", "target_encoder", "encoder")
 
 
 @dataclasses.dataclass
@@ -114,7 +168,7 @@ class LoadReport:
 
     @property
     def ok(self) -> bool:
-        return self.count("missing") == 0 and self.count("shape_mismatch") == 0
+        return all(self.count(kind) == 0 for kind in ("missing", "unexpected", "shape_mismatch"))
 
     def table(self) -> str:
         """Per-module audit as a fixed-width table."""
@@ -156,17 +210,90 @@ _SAFE_GLOBALS = {  # data-only classes found in real checkpoints besides tensors
 }
 
 
-class _DisallowedGlobal(pickle.UnpicklingError):
-    pass
+class _StandIn:
+    """Inert stand-in for a pickled global outside the allowlist (a training script's function, an optimizer or
+    scheduler class, functools.partial, ...). Unpickling builds these instead of importing or calling anything:
+    calls, state and items are recorded, nothing runs. They may live only in entries bench drops anyway
+    (optimizer, scheduler, training arguments); `read_state_dict` refuses the file if one sits among the weights.
+    """
+
+    name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return type(self)(*args, **kwargs)
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.items.append((key, value))
+
+    def append(self, value):
+        self.items.append(value)
+
+    def extend(self, values):
+        self.items.extend(values)
+
+    def add(self, value):
+        self.items.append(value)
+
+    def __repr__(self):
+        return f"<inert stand-in for {self.name}>"
 
 
-class _DataOnlyUnpickler(pickle.Unpickler):
-    """Unpickler for plain pickles (detectron2 .pkl) that resolves only data-only globals."""
+_STAND_IN_TYPES: dict[str, type] = {}
 
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS or (module.startswith("numpy") and name.endswith("DType")):
-            return super().find_class(module, name)
-        raise _DisallowedGlobal(f"global {module}.{name} is not allowed (not a data-only type)")
+
+def _stand_in(qualname: str) -> type:
+    if qualname not in _STAND_IN_TYPES:
+        _STAND_IN_TYPES[qualname] = type(qualname.rsplit(".", 1)[-1], (_StandIn,), {"name": qualname})
+    return _STAND_IN_TYPES[qualname]
+
+
+def _allowed_globals() -> set[str]:
+    """The tensor allowlist: what torch.load(weights_only=True) resolves, less the rebuild functions of sparse,
+    nested, quantised, meta and wrapper-subclass tensors (no backbone has them; weights_only validates them, this
+    path would not), plus the data-only `_SAFE_GLOBALS`."""
+    allowed = {f"{module}.{name}" for module, name in _SAFE_GLOBALS}
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed |= {name for name in _get_allowed_globals()
+                    if not re.search(r"_rebuild_(sparse|nested|qtensor|meta|wrapper|device)", name)}
+    except ImportError:  # older/newer torch: the rebuild functions every tensor pickle uses
+        allowed |= {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter", "torch.Size",
+                    "torch._utils._rebuild_parameter_with_state", "_codecs.encode", "torch.device"}
+    return allowed
+
+
+def _data_only_pickle(stood_in: set[str]):
+    """A `pickle_module` for torch.load whose unpickler resolves only allowlisted globals and stands an inert
+    `_StandIn` in for every other one (collected in `stood_in`); nothing outside the allowlist is imported."""
+    allowed = _allowed_globals()
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names (protocol < 3 pickles)
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            qualname = f"{module}.{name}"
+            if qualname in allowed or (module.startswith("numpy") and name.endswith("DType")):
+                return super().find_class(module, name)
+            stood_in.add(qualname)
+            return _stand_in(qualname)
+
+    def load(file, **kwargs):
+        return Unpickler(file, **kwargs).load()
+
+    return types.SimpleNamespace(__name__="bench_data_only_pickle", Unpickler=Unpickler, load=load)
 
 
 def _torch_safe_globals() -> list:
@@ -185,34 +312,46 @@ def _torch_safe_globals() -> list:
     return found
 
 
-def _load_object(path: Path):
-    """The unpickled object, resolving only data-only globals; raises CheckpointError otherwise.
+def _load_object(path: Path) -> tuple[object, set[str]]:
+    """The unpickled object and the globals stood in by inert placeholders; raises CheckpointError otherwise.
 
-    Zip files go through torch.load(weights_only=True); other files (detectron2 .pkl plain pickles, legacy
-    torch files) are tried with torch's legacy loader, then with a data-only unpickler.
+    Files torch.load(weights_only=True) accepts load that way. Others (training checkpoints whose optimizer or
+    scheduler state pickles functions and classes; legacy and plain pickles such as detectron2 .pkl) go through
+    the data-only unpickler; `read_state_dict` then decides whether the stand-ins may stay.
     """
-    refused = ("{path}: refused: the file contains pickled objects other than tensors, arrays and plain "
-               "containers ({why}). bench never unpickles code; re-save the weights with torch.save(state_dict) "
-               "or as safetensors.")
     try:
         with torch.serialization.safe_globals(_torch_safe_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True), set()
+    except Exception:
+        pass
+    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        raise CheckpointError(f"{path}: refused: a TorchScript archive, not a checkpoint of weights; save the "
+                              "model's state_dict() with torch.save or as safetensors")
+    stood_in: set[str] = set()
+    data_only = _data_only_pickle(stood_in)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=data_only), stood_in
     except Exception as e:
-        if zipfile.is_zipfile(path):
-            if isinstance(e, pickle.UnpicklingError):
-                raise CheckpointError(refused.format(path=path, why=_first_line(e))) from e
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                                  f"{_first_line(e)})") from e
-        torch_error = e
+        if "Invalid magic number" not in str(e):
+            raise CheckpointError(_unreadable(path, e)) from e
+    stood_in.clear()  # not a torch file: a plain pickle (detectron2 .pkl, Python 2 ones included)
     try:
         with open(path, "rb") as f:
-            return _DataOnlyUnpickler(f, encoding="latin1").load()
-    except _DisallowedGlobal as e:
-        raise CheckpointError(refused.format(path=path, why=_first_line(e))) from e
+            return data_only.Unpickler(f, encoding="latin1").load(), stood_in
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (torch.load: {_first_line(torch_error)}; "
-                              f"pickle: {_first_line(e)})") from e
+        raise CheckpointError(_unreadable(path, e)) from e
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    """The real cause of a failed read: a truncated file, or what the reader said."""
+    text = f"{type(e).__name__}: {_first_line(e)}"
+    if isinstance(e, EOFError) or re.search(r"truncated|ran out of input|EOF|central directory|unexpected end",
+                                            text, re.I):
+        return f"{path}: truncated file ({text}); the download or copy is incomplete: fetch the file again"
+    return f"{path}: not a readable checkpoint ({text})"
 
 
 def _first_line(e: Exception) -> str:
@@ -222,11 +361,35 @@ def _first_line(e: Exception) -> str:
     return (named or lines or [""])[0][:300]
 
 
+def _stand_ins_in(obj) -> set[str]:
+    """Names of the stand-in globals anywhere inside `obj` (containers, namespaces, stand-ins' arguments)."""
+    found, seen, todo = set(), set(), [obj]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen or isinstance(item, (torch.Tensor, str, bytes, int, float)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, type) and issubclass(item, _StandIn):
+            found.add(item.name)
+        elif isinstance(item, _StandIn):
+            found.add(item.name)
+            todo += [item.args, item.kwargs, item.state, item.items]
+        elif isinstance(item, dict):
+            todo += list(item.keys()) + list(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            todo += list(item)
+        elif hasattr(item, "__dict__") and not isinstance(item, type):
+            todo += list(vars(item).values())
+    return found
+
+
 def read_state_dict(path: str | Path, state_key: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and metadata of a checkpoint file, never executing pickled code.
 
-    Metadata holds the file's scalar entries plus `wrapper` (the path of dict keys descended into).
+    Metadata holds the file's scalar entries plus `wrapper` (the path of dict keys descended into) and, when
+    globals outside the allowlist were stood in by inert placeholders, `stand_ins` ({entry: [globals]}).
     `state_key` ("a.b.c") names that path explicitly instead of the automatic descent through WRAPPERS.
+    A stand-in inside the entry that holds the weights refuses the file, naming the global.
     """
     path = Path(path)
     if not path.is_file():
@@ -239,8 +402,12 @@ def read_state_dict(path: str | Path, state_key: str | None = None) -> tuple[dic
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
-    obj = _load_object(path)
+    root, stood_in = _load_object(path)
+    obj = root
     meta = {k: v for k, v in obj.items() if isinstance(v, (str, int, float))} if isinstance(obj, dict) else {}
+    forbidden = ("{path}: refused: {where} holds pickled objects of {names}, not tensors or plain data. bench "
+                 "never imports or runs pickled code; re-save the weights with torch.save(model.state_dict()) "
+                 "or as safetensors.")
     if state_key:
         for part in state_key.split("."):
             if not isinstance(obj, dict) or part not in obj:
@@ -249,7 +416,21 @@ def read_state_dict(path: str | Path, state_key: str | None = None) -> tuple[dic
             obj = obj[part]
         wrapper = state_key.split(".")
     else:
-        obj, wrapper = _unwrap(obj, path)
+        try:
+            obj, wrapper = _unwrap(obj, path)
+        except CheckpointError:
+            if stood_in:
+                raise CheckpointError(forbidden.format(path=path, where="the file",
+                                                       names=", ".join(sorted(stood_in)))) from None
+            raise
+    if stood_in:
+        inside = _stand_ins_in(obj)
+        if inside:
+            where = f"entry {'.'.join(wrapper)!r}, which holds the weights," if wrapper else "the weights dictionary"
+            raise CheckpointError(forbidden.format(path=path, where=where, names=", ".join(sorted(inside))))
+        entries = root.items() if isinstance(root, dict) else [("<top level>", root)]
+        found = {str(k): sorted(_stand_ins_in(v)) for k, v in entries}
+        meta["stand_ins"] = {k: names for k, names in found.items() if names}
     meta["wrapper"] = ".".join(wrapper)
     return {k: _as_tensor(v) for k, v in obj.items() if _is_array(v)}, meta
 
@@ -410,6 +591,9 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
     path = Path(path)
     tensors, meta = read_state_dict(path, state_key)
     notes = [f"weights read from entry {meta['wrapper']!r}"] if meta.get("wrapper") else []
+    for entry, names in meta.get("stand_ins", {}).items():
+        notes.append(f"entry {entry!r} pickles, outside the weights, {', '.join(names)}: stood in by inert "
+                     "placeholders, nothing imported or run")
     if "bench" in meta:
         art = artifact_from_tensors(tensors, meta, path)
         fmt, dropped = "bench", {}
@@ -438,13 +622,20 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
         art.provenance["method"] = method
     if img_size and art.family in ("vit", "convvit"):
         notes += _resize_pos_embed(art, img_size)
-    model = build_backbone(art.arch, **art.arch_kwargs)
-    report = LoadReport(str(path), fmt, art.arch, audit(model.state_dict(), art.state_dict), dropped, notes)
+    model_state = build_backbone(art.arch, **art.arch_kwargs).state_dict()
+    report = LoadReport(str(path), fmt, art.arch, audit(model_state, art.state_dict), dropped, notes)
     if not report.ok and not allow_partial:
         raise CheckpointError(
-            f"{path}: refused: the load would leave {report.count('missing')} trunk tensors uninitialised "
-            f"and {report.count('shape_mismatch')} with the wrong shape.\n{report.summary()}\n"
-            "Fix the checkpoint or its --arch; --allow-partial-load overrides (recorded as non-protocol).")
+            f"{path}: refused: the load would leave {report.count('missing')} trunk tensors uninitialised, "
+            f"{report.count('shape_mismatch')} with the wrong shape and {report.count('unexpected')} tensors "
+            f"that are no part of a {art.arch} trunk.\n{report.summary()}\n"
+            "Fix the checkpoint or its --arch (or --prefix); --allow-partial-load overrides (recorded as "
+            "non-protocol).")
+    for key in [k for k in art.state_dict if k not in model_state or
+                tuple(art.state_dict[k].shape) != tuple(model_state[k].shape)]:  # only with --allow-partial-load
+        report.dropped[key] = f"no tensor of this name and shape in a {art.arch} trunk (--allow-partial-load)"
+        art.state_dict = {k: v for k, v in art.state_dict.items() if k != key}
+    check_trunk_only(art, model_state)
     return art, report
 
 
