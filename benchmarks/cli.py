@@ -120,7 +120,7 @@ def cmd_inspect(args) -> None:
     print(f"format: {report.format}\narch: {art.arch} {art.arch_kwargs or ''}\nparameters: {params / 1e6:.2f}M\n"
           f"preprocessing: {art.preprocessing.to_dict()}\nprovenance: {art.provenance}\nweights: {art.hash}")
     print(report.summary(max_keys=20))
-    print("audit: OK" if report.ok else "audit: REFUSED for `bench run` (missing or mis-shaped trunk weights)")
+    print("audit: OK" if report.ok else "audit: REFUSED for `bench run` (missing, mis-shaped or unplaceable trunk weights)")
     if not report.ok:
         sys.exit(1)
 
