@@ -111,8 +111,10 @@ def test_ade_labels_and_missing_annotation(mini_root, tmp_path):
 
 def test_quick_samples(mini_root, tmp_path):
     root = copy_mini(mini_root, tmp_path, "places205")
-    (root / "places205" / "images256" / "a" / "arch" / "val_000000.jpg").unlink()
-    problems, _ = run_check(root, "places205", quick=400)  # val has 400: every file is drawn
-    assert [(p.kind, p.where) for p in problems] == [("missing", "places205/val")]
-    problems, _ = run_check(root, "places205", quick=1)
-    assert all(p.kind == "missing" for p in problems) and len(problems) <= 1
+    for image in (root / "places205" / "images256").rglob("val_*.jpg"):
+        image.unlink()
+    problems, text = run_check(root, "places205", quick=5)
+    assert [(p.kind, p.where, p.count) for p in problems] == [("missing", "places205/val", 5)]
+    assert "5 of 5 checked files missing" in text and "(--quick" not in text  # report() is told separately
+    _, listed = check(root, ["places205"], quick=5)
+    assert listed == {"places205/train": 300, "places205/val": 400}  # counts still come from the full lists
