@@ -92,9 +92,10 @@ def cmd_data_mini(args) -> None:
 def cmd_data_check(args) -> None:
     from benchmarks.datacheck import check, report
 
-    problems, listed = check(args.data_root, args.benchmarks, quick=args.quick, workers=args.workers,
+    quick = args.sample if args.quick else None
+    problems, listed = check(args.data_root, args.benchmarks, quick=quick, workers=args.workers,
                              full=args.full_decode)
-    print(report(problems, listed, args.data_root, args.quick))
+    print(report(problems, listed, args.data_root, quick))
     if problems:
         sys.exit(1)
 
@@ -226,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--data-root", required=True)
     chk.add_argument("benchmarks", nargs="*", help="benchmarks or datasets (voc, coco, lvis, ade20k, inat18, "
                      "places205, imagenet); default: every benchmark's dataset")
-    chk.add_argument("--quick", type=int, nargs="?", const=1000, metavar="N",
-                     help="open only N randomly sampled files per split (default N 1000)")
+    chk.add_argument("--quick", action="store_true", help="open only --sample randomly drawn files per split")
+    chk.add_argument("--sample", type=int, default=1000, metavar="N", help="files per split under --quick (1000)")
     chk.add_argument("--workers", type=int, help="parallel file readers (default 4 x cores, at most 32)")
     chk.add_argument("--full-decode", action="store_true", help="decode every image, not just header and end marker")
     chk.set_defaults(fn=cmd_data_check)

@@ -42,10 +42,11 @@ REAL_SIZES = {
     "imagenet": ({"train": 1281167, "val": 50000}, 1000),
 }
 DATASETS = tuple(REAL_SIZES)
+LAYOUTS = {**D.EXPECTED_LAYOUTS, "imagenet": "imagenet/{train,val}/<wnid>/<image>.JPEG   (ILSVRC2012, ImageFolder)"}
 MINI_MARKER = ".bench-mini.json"
 
 FIXES = {
-    "layout": "put the files where the expected layout says (see the message above)",
+    "layout": "lay the files out as expected under --data-root",
     "missing": "re-copy the listed images from the dataset's archive (or drop them from the annotation list)",
     "unreadable": "re-copy these files; they are not images PIL can open",
     "truncated": "re-copy these files; they end before the image's end-of-file marker (an interrupted copy)",
@@ -62,12 +63,16 @@ class Problem:
     count: int
     detail: str
     examples: list = dataclasses.field(default_factory=list)
+    fix: str = ""      # overrides FIXES[kind]
 
     def line(self, root: Path, max_examples: int = 3) -> str:
         shown = [_relative(p, root) for p in self.examples[:max_examples]]
         more = f", ... (+{len(self.examples) - len(shown)})" if len(self.examples) > len(shown) else ""
         examples = f"; e.g. {', '.join(shown)}{more}" if shown else ""
-        return f"{self.kind.upper():<10} {self.where}: {self.detail}{examples}\n{'':<11}fix: {FIXES[self.kind]}"
+        return f"{self.kind.upper():<10} {self.where}: {self.detail}{examples}"
+
+    def fix_line(self) -> str:
+        return f"{'':<11}fix: " + (self.fix or FIXES[self.kind]).replace("\n", "\n" + " " * 16)
 
 
 @dataclasses.dataclass
@@ -126,8 +131,12 @@ def collect(dataset: str, root: Path, sizes: dict, problems: list) -> list[Split
     try:
         return COLLECTORS[dataset](root, expected, num_classes, problems)
     except D.LayoutError as e:
-        problems.append(Problem("layout", dataset, 1, str(e).splitlines()[0]))
+        problems.append(Problem("layout", dataset, 1, str(e).splitlines()[0], fix=layout_fix(dataset)))
         return []
+
+
+def layout_fix(dataset: str) -> str:
+    return f"lay the files out as expected under --data-root:\n{LAYOUTS[dataset]}"
 
 
 def _class_count(dataset: str, found: int, num_classes, problems: list, names=()) -> None:
@@ -144,7 +153,8 @@ def _voc(root, expected, num_classes, problems):
             records = D.load_voc(root, year, split, check_images=False)
         except D.LayoutError as e:  # unknown class names are reported by the loader with the XML's path
             kind = "labels" if "unknown class" in str(e) else "layout"
-            problems.append(Problem(kind, f"voc/{key}", 1, str(e).splitlines()[0]))
+            problems.append(Problem(kind, f"voc/{key}", 1, str(e).splitlines()[0],
+                                    fix=layout_fix("voc") if kind == "layout" else ""))
             continue
         splits.append(Split("voc", key, [r["file_name"] for r in records], expected.get(key)))
     return splits
@@ -240,7 +250,7 @@ def _imagenet(root, expected, num_classes, problems):
     for split in ("train", "val"):
         base = root / "imagenet" / split
         if not base.is_dir():
-            raise D.LayoutError(f"{base}: missing directory. Expected imagenet/{{train,val}}/<wnid>/<image>.JPEG")
+            raise D.LayoutError(f"{base}: missing directory")
         folders = sorted(p for p in base.iterdir() if p.is_dir())
         classes[split] = {p.name for p in folders}
         files = [f for d in folders for f in sorted(d.iterdir()) if f.suffix.lower() in (".jpeg", ".jpg", ".png")]
@@ -384,11 +394,13 @@ def check(data_root, names=(), quick: int | None = None, workers: int | None = N
 def report(problems: list[Problem], listed: dict, root, quick: int | None = None) -> str:
     """The summary a person can act on: one line per problem kind and split, then the verdict."""
     root = Path(root)
-    order = list(FIXES)
-    lines = [p.line(root) for p in sorted(problems, key=lambda p: (order.index(p.kind), p.where))]
+    lines = []
+    for kind in FIXES:  # the problems of one kind, then each distinct fix once
+        mine = sorted((p for p in problems if p.kind == kind), key=lambda p: p.where)
+        lines += [p.line(root) for p in mine] + list(dict.fromkeys(p.fix_line() for p in mine))
     total = sum(listed.values())
     sampled = f" (--quick: up to {quick} sampled files per split)" if quick else ""
-    head = "  ".join(f"{k}={v:,}" for k, v in listed.items())
+    head = ["  ".join(f"{k}={v:,}" for k, v in listed.items())] if listed else []
     verdict = (f"bench data check: {len(problems)} problem(s) under {root}{sampled}" if problems else
                f"bench data check: OK, {total:,} images in {len(listed)} splits under {root}{sampled}")
-    return "\n".join([head, *lines, verdict])
+    return "\n".join([*head, *lines, verdict])
