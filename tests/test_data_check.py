@@ -118,3 +118,23 @@ def test_quick_samples(mini_root, tmp_path):
     assert "5 of 5 checked files missing" in text and "(--quick" not in text  # report() is told separately
     _, listed = check(root, ["places205"], quick=5)
     assert listed == {"places205/train": 300, "places205/val": 400}  # counts still come from the full lists
+
+
+def test_missing_dataset_shows_the_expected_layout(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "check", "--data-root", str(tmp_path), "coco-c4-1x", "--quick", "--sample", "3"])
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert out.startswith("LAYOUT     coco: ") and "annotations/instances_{train,val}2017.json" in out
+    assert "1 problem(s)" in out and "--quick: up to 3 sampled files per split" in out
+
+
+def test_unknown_voc_class(mini_root, tmp_path):
+    root = copy_mini(mini_root, tmp_path, "voc")
+    xml = root / "VOCdevkit" / "VOC2012" / "Annotations" / "2008_000001.xml"
+    text = xml.read_text()
+    name = text.split("<name>")[1].split("</name>")[0]
+    xml.write_text(text.replace(f"<name>{name}</name>", "<name>unicorn</name>", 1))
+    problems, text = run_check(root, "voc")
+    assert [(p.kind, p.where) for p in problems] == [("labels", "voc/2012_trainval")]
+    assert "unknown class 'unicorn'" in text
