@@ -40,3 +40,19 @@ def test_paper_batches_per_gpu():
     per_gpu = {c: common.load_config(c.split("-")[0], c)["batch_size"] // g for c, g in gpu_check.PAPER_GPUS.items()}
     assert per_gpu == {"mscn-imagenet": 512, "mscn-byol-imagenet": 512, "adios-imagenet100": 128,
                        "convmae-imagenet": 128, "siameseim-imagenet": 128}
+
+
+def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch, tmp_path):
+    import torch
+
+    tried = []
+
+    def fake_stage(config, tiny, work, peak=None, batch=None):
+        tried.append(batch)
+        if batch is None or batch > 128:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"paper_batch_per_gpu": 512, "batch": batch}
+
+    monkeypatch.setattr(gpu_check, "stage_pretrain", fake_stage)
+    row = gpu_check.stage_pretrain_fitting("mscn-imagenet", True, tmp_path)
+    assert tried == [None, 256, 128] and row["note"] == "OOM at the paper batch 512; ran 128"

@@ -26,6 +26,7 @@ sizes on CPU, so the script is tested in CI before any GPU is lent.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -176,7 +177,8 @@ def stage_pretrain_fitting(config: str, tiny: bool, work: Path, peak_override=No
 
             paper = common.load_config(config.split("-")[0], config)["batch_size"] // PAPER_GPUS[config]
             batch = (batch or paper) // 2
-            torch.cuda.empty_cache()
+        gc.collect()  # outside the except block: the traceback (and the failed step's tensors) is gone
+        torch.cuda.empty_cache()
     raise RuntimeError(f"out of memory down to batch {batch * 2}")
 
 
