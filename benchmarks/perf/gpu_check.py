@@ -410,8 +410,8 @@ def table(rows: list[dict]) -> str:
                ("peak_share", "of peak"), ("peak_mem_gib", "mem GiB"), ("bound", "bound"),
                ("max_abs_diff", "max diff"), ("equal", "equal"), ("wall_s", "wall s")]
     used = [(k, h) for k, h in columns if any(k in r for r in rows)]
-    label = lambda r: " ".join([r["stage"], r.get("arch", "") if r["stage"] == "linear" else "",  # noqa: E731
-                                r.get("what", "").split(",")[0]]).strip()
+    label = lambda r: " ".join(filter(None, [r["stage"], r.get("arch") if r["stage"] == "linear" else "",  # noqa: E731
+                                             r.get("what", "").split(",")[0]]))
     cells = [[h for _, h in used]] + [[fmt(r.get(k)) if k != "stage" else label(r) for k, _ in used] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(used))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
