@@ -89,6 +89,17 @@ def cmd_data_mini(args) -> None:
     print(f"miniature datasets written under {Path(args.root).resolve()}")
 
 
+def cmd_data_check(args) -> None:
+    from benchmarks.datacheck import check, report
+
+    quick = args.sample if args.quick else None
+    problems, listed = check(args.data_root, args.benchmarks, quick=quick, workers=args.workers,
+                             full=args.full_decode)
+    print(report(problems, listed, args.data_root, quick))
+    if problems:
+        sys.exit(1)
+
+
 def cmd_backbone_random(args) -> None:
     from transfer.artifact import random_artifact, save_artifact
 
@@ -211,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     mini.add_argument("--scale", type=float, default=1.0, help="multiply the number of images per set")
     mini.add_argument("--image-size", type=int, default=96, help="base image size in pixels")
     mini.set_defaults(fn=cmd_data_mini)
+    chk = data.add_parser("check", help="verify real (or miniature) datasets: published split sizes, class lists, "
+                          "missing / unreadable / truncated images; exits 1 with a summary if anything is wrong")
+    chk.add_argument("--data-root", required=True)
+    chk.add_argument("benchmarks", nargs="*", help="benchmarks or datasets (voc, coco, lvis, ade20k, inat18, "
+                     "places205, imagenet); default: every benchmark's dataset")
+    chk.add_argument("--quick", action="store_true", help="open only --sample randomly drawn files per split")
+    chk.add_argument("--sample", type=int, default=1000, metavar="N", help="files per split under --quick (1000)")
+    chk.add_argument("--workers", type=int, help="parallel file readers (default 4 x cores, at most 32)")
+    chk.add_argument("--full-decode", action="store_true", help="decode every image, not just header and end marker")
+    chk.set_defaults(fn=cmd_data_check)
 
     bb = sub.add_parser("backbone", help="backbone artifacts").add_subparsers(dest="backbone_verb", required=True)
     rnd = bb.add_parser("random", help="write a random-init artifact (the random-init reference row)")

@@ -92,15 +92,16 @@ class ClassificationSplit:
     class_names: list[str]
 
 
-def load_classification(name: str, data_root, split: str) -> ClassificationSplit:
-    """`inat18` or `places205`, split `train` or `val`; labels are contiguous 0..num_classes-1."""
+def load_classification(name: str, data_root, split: str, check_images: bool = True) -> ClassificationSplit:
+    """`inat18` or `places205`, split `train` or `val`; labels are contiguous 0..num_classes-1.
+    `check_images=False` skips the per-file existence check (`bench data check` does its own pass)."""
     loaders = {"inat18": _load_inat, "places205": _load_places}
     if name not in loaders or split not in ("train", "val"):
         raise ValueError(f"no classification set {name}/{split}; sets: {', '.join(loaders)}; splits: train, val")
-    return loaders[name](Path(data_root), split)
+    return loaders[name](Path(data_root), split, check_images)
 
 
-def _load_inat(root: Path, split: str) -> ClassificationSplit:
+def _load_inat(root: Path, split: str, check_images: bool = True) -> ClassificationSplit:
     """iNat 2018 json: classes are the json's categories in id order (8142 in the real dataset)."""
     base = _need("inat18", root / "inat2018", "directory")
     path = base / f"{split}2018.json"
@@ -112,18 +113,20 @@ def _load_inat(root: Path, split: str) -> ClassificationSplit:
         samples = [(files[a["image_id"]], index[a["category_id"]]) for a in data["annotations"]]
     except (KeyError, TypeError) as e:
         raise _fail("inat18", path, f"malformed entry (missing or unknown {e})") from e
-    _check_images("inat18", (p for p, _ in samples))
+    if check_images:
+        _check_images("inat18", (p for p, _ in samples))
     return ClassificationSplit("inat18", split, samples, len(cats), [c.get("name", str(c["id"])) for c in cats])
 
 
-def _load_places(root: Path, split: str) -> ClassificationSplit:
+def _load_places(root: Path, split: str, check_images: bool = True) -> ClassificationSplit:
     """Places205 csv lists (`<relative path> <label>`); num_classes = 1 + the largest label of train and val
     (205 for the real lists), names from the class folders (e.g. a/abbey -> abbey)."""
     base = _need("places205", root / "places205", "directory")
     lists = {s: base / "trainvalsplit_places205" / f"{s}_places205.csv" for s in ("train", "val")}
     parsed = {s: _read_places_csv(p) for s, p in lists.items()}
     samples = [(base / "images256" / rel, label) for rel, label in parsed[split]]
-    _check_images("places205", (p for p, _ in samples))
+    if check_images:
+        _check_images("places205", (p for p, _ in samples))
     num_classes = 1 + max(label for rows in parsed.values() for _, label in rows)
     names = [str(i) for i in range(num_classes)]
     for rel, label in parsed["train"]:
@@ -146,7 +149,7 @@ def _read_places_csv(path: Path) -> list[tuple[str, int]]:
 
 
 # ----------------------------------------------------------------------------------------------- detection
-def load_voc(data_root, year: str, split: str) -> list[dict]:
+def load_voc(data_root, year: str, split: str, check_images: bool = True) -> list[dict]:
     """detectron2-style dicts for VOC<year>/<split>: boxes 0-based like detectron2 (xmin-1, ymin-1, xmax, ymax),
     `category_id` indexes VOC_CLASSES, `difficult` kept (the evaluator ignores difficult objects)."""
     base = _need("voc", Path(data_root) / "VOCdevkit" / f"VOC{year}", "directory")
@@ -154,7 +157,8 @@ def load_voc(data_root, year: str, split: str) -> list[dict]:
     records = []
     for image_id in listing.read_text().split():
         records.append(_read_voc_xml(base, image_id))
-    _check_images("voc", (r["file_name"] for r in records))
+    if check_images:
+        _check_images("voc", (r["file_name"] for r in records))
     return records
 
 
@@ -186,7 +190,7 @@ def _read_voc_xml(base: Path, image_id: str) -> dict:
 COCO_SPLITS = ("train2017", "val2017")
 
 
-def load_coco(data_root, split: str):
+def load_coco(data_root, split: str, check_images: bool = True):
     """(pycocotools COCO, image dir) for `train2017` / `val2017`; verifies the json and every image file."""
     from pycocotools.coco import COCO
 
@@ -204,11 +208,12 @@ def load_coco(data_root, split: str):
         files = [images / im["file_name"] for im in data["images"]]
     except (KeyError, TypeError) as e:
         raise _fail("coco", path, f"malformed entry (missing {e})") from e
-    _check_images("coco", files)
+    if check_images:
+        _check_images("coco", files)
     return coco, images
 
 
-def load_lvis(data_root, split: str):
+def load_lvis(data_root, split: str, check_images: bool = True):
     """(lvis.LVIS, image_id -> Path) for `train` / `val`; images resolved from coco_url into coco/<split>2017/."""
     import logging
 
@@ -231,7 +236,8 @@ def load_lvis(data_root, split: str):
         lvis._create_index()
     except (KeyError, TypeError, ValueError) as e:
         raise _fail("lvis", path, f"malformed entry ({e})") from e
-    _check_images("lvis", files.values())
+    if check_images:
+        _check_images("lvis", files.values())
     return lvis, files.__getitem__
 
 

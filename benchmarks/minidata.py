@@ -32,6 +32,8 @@ LVIS_FREQUENCY = "ffffffcccccccccrrrrr"
 ADE_STUFF = {"wall": 1, "floor": 4, "sky": 3, "grass": 10, "road": 7}
 ADE_THINGS = [13, 21, 20, 77, 91, 81, 128, 103, 127, 18, 37, 27, 38, 120, 23, 80, 24, 34, 90, 142]
 INAT_CLASSES = 12
+PLACES_SCENES = ("a/arch", "b/beach", "c/corridor", "d/desert", "f/forest", "h/highway", "k/kitchen",
+                 "m/mountain", "o/office", "r/river")
 JPEG_QUALITY = 90
 WORLD_VERSION = 2  # bump when the drawing changes, so cached trees are regenerated
 
@@ -284,8 +286,7 @@ def write_places(root: Path, rng: np.random.Generator, counts: dict, size: int) 
     """10 scene classes recognised by their contents, as real scenes are (a kitchen has a stove and a fridge):
     scene s shows its two characteristic objects, classes s and s + 10, on a background of a random scene layout
     and palette that says nothing about s."""
-    names = ["a/arch", "b/beach", "c/corridor", "d/desert", "f/forest", "h/highway", "k/kitchen", "m/mountain",
-             "o/office", "r/river"]
+    names = PLACES_SCENES
     summary = {}
     for split in ("train", "val"):
         lines = []
