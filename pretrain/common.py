@@ -290,18 +290,19 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (self.training and is_distributed()):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
-        stats = AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
-        c = x.shape[1]
+        c, shape = x.shape[1], [1, x.shape[1]] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / c], device=x.device, dtype=x.dtype)
+        stats = AllReduceSum.apply(torch.cat([x.sum(dims), count]))
         n = stats[-1]
-        mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n) ** 2
+        mean = stats[:c] / n
+        centred = x - mean.view(shape)  # two passes, as BatchNorm: E[x^2] - mean^2 cancels when |mean| >> std
+        var = AllReduceSum.apply((centred * centred).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 self.running_mean.lerp_(mean.detach(), self.momentum)
                 self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 

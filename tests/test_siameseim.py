@@ -190,3 +190,18 @@ def test_pretrain_run_exports_the_online_encoder(tmp_path):
     exported = backbone.trunk.state_dict()
     assert all(torch.equal(exported[k], online[k]) for k in exported)
     assert any(not torch.equal(exported[k], target[k]) for k in exported if k.startswith("blocks."))
+
+
+def test_imagenet_config_is_the_reference_recipe():
+    """configs/pretrain/dist_sim_base_1600ep.sh and main_pretrain.py defaults of OpenGVLab/Siamese-Image-Modeling
+    (bbdec308), key for key."""
+    from pretrain.common import load_config
+
+    cfg = load_config("siameseim", "siameseim-imagenet")
+    expected = {"arch": "vit_base_patch16", "img_size": 224, "patch_size": 16, "decoder_dim": 768,
+                "projector_depth": 2, "predictor_depth": 4, "decoder_heads": 16, "head_norm": "bn",
+                "mask_patches": 118, "min_mask_patches": 16, "neg_weight": 0.02, "base_momentum": 0.995,
+                "optimizer": "adamw", "betas": [0.9, 0.95], "weight_decay": 0.05, "clip_grad": 1.0,
+                "lr": 6.25e-5, "lr_batch": 256, "batch_size": 4096, "epochs": 1600, "warmup_epochs": 40,
+                "crop_scale": [0.08, 1.0]}
+    assert {k: cfg[k] for k in expected} == expected
