@@ -282,29 +282,53 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm for CPU/gloo (torch's needs GPUs): batch statistics summed over ranks with autograd."""
 
+    def _check_input_dim(self, x: torch.Tensor) -> None:  # (N, C, ...) of any rank, as SyncBatchNorm
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
-        stats = AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
-        c = x.shape[1]
+        c, shape = x.shape[1], [1, x.shape[1]] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / c], device=x.device, dtype=x.dtype)
+        stats = AllReduceSum.apply(torch.cat([x.sum(dims), count]))
         n = stats[-1]
-        mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n) ** 2
+        mean = stats[:c] / n
+        centred = x - mean.view(shape)  # two passes, as BatchNorm: E[x^2] - mean^2 cancels when |mean| >> std
+        var = AllReduceSum.apply((centred * centred).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 self.running_mean.lerp_(mean.detach(), self.momentum)
                 self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm -> SyncBatchNorm (CUDA) or AllReduceBatchNorm (CPU); same parameters and buffers."""
+    """Every BatchNorm -> SyncBatchNorm (CUDA) or AllReduceBatchNorm (CPU); same parameters and buffers.
+
+    Only plain BatchNorm layers are swapped: a module that wraps one (e.g. SiameseIM's TokenBatchNorm, which
+    transposes tokens around its `bn` child) keeps its own forward. A BatchNorm subclass with its own forward
+    would lose it in the swap and is refused with an error naming it."""
+    _refuse_custom_batchnorm(model)
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _all_reduce_batchnorm(model)
+
+
+def _refuse_custom_batchnorm(model: nn.Module) -> None:
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, AllReduceBatchNorm)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in plain \
+                and type(module).forward is not nn.modules.batchnorm._BatchNorm.forward:
+            raise TypeError(f"{name} ({type(module).__name__}) overrides BatchNorm.forward; converting it for "
+                            "several processes would drop that forward. Wrap a plain nn.BatchNorm child instead "
+                            "(as pretrain/siameseim.py TokenBatchNorm does).")
+
+
+def _all_reduce_batchnorm(model: nn.Module) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, AllReduceBatchNorm):
             new = AllReduceBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
@@ -314,7 +338,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
             new.num_batches_tracked = child.num_batches_tracked
             setattr(model, name, new)
         else:
-            sync_batchnorm(child, device)
+            _all_reduce_batchnorm(child)
     return model
 
 

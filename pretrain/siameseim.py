@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from functools import partial
 from typing import Any
 
@@ -41,31 +42,44 @@ CROP_FIELDS = ("i1", "j1", "h1", "w1", "f1", "i2", "j2", "h2", "w2", "f2", "W")
 
 
 # ----------------------------------------------------------------------------------------------- masking
-def block_mask(grid: int, num_masked: int, rng: np.random.Generator, min_patches: int = 16,
+def block_mask(grid: int, num_masked: int, rng: random.Random, min_patches: int = 16,
                min_aspect: float = 0.3) -> np.ndarray:
-    """BEiT block-wise mask (grid, grid) with exactly `num_masked` ones: random blocks of >= `min_patches`
-    patches and aspect ratio in [min_aspect, 1/min_aspect], any shortfall filled with random patches."""
+    """BEiT's MaskingGenerator as SiameseIM uses it (util/masking_generator.py, fixed_num_masking_patches=True):
+    (grid, grid) bool with exactly `num_masked` ones. Blocks of area U(min_patches, patches still to mask) and
+    aspect ratio in [min_aspect, 1/min_aspect] are placed while any block adds patches (so ever smaller blocks
+    once few remain); only if 10 tries in a row add none is the rest filled with random patches. `rng` draws
+    exactly what the reference's `random` module draws."""
     mask = np.zeros((grid, grid), dtype=bool)
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-    for _ in range(10 * num_masked):
-        left_to_mask = num_masked - mask.sum()
-        if left_to_mask < min(min_patches, num_masked) or left_to_mask <= 0:
+    count = 0
+    while count < num_masked:
+        added = _place_block(mask, num_masked - count, rng, min_patches, log_aspect)
+        if added == 0:
             break
-        area = rng.uniform(min(min_patches, left_to_mask), left_to_mask)
+        count += added
+    if count < num_masked:
+        rows, cols = (~mask).nonzero()
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        take = order[:num_masked - count]
+        mask[rows[take], cols[take]] = True
+    return mask
+
+
+def _place_block(mask: np.ndarray, max_patches: int, rng: random.Random, min_patches: int, log_aspect) -> int:
+    """Up to 10 tries to mask one block adding 1..max_patches new patches; the number added (0: none fitted)."""
+    grid = mask.shape[0]
+    for _ in range(10):
+        area = rng.uniform(min_patches, max_patches)
         aspect = math.exp(rng.uniform(*log_aspect))
         h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-        if not (0 < h < grid and 0 < w < grid):
-            continue
-        top, left = rng.integers(0, grid - h + 1), rng.integers(0, grid - w + 1)
-        block = mask[top:top + h, left:left + w]
-        new = h * w - block.sum()
-        if 0 < new <= left_to_mask:
-            block[:] = True
-    shortfall = num_masked - int(mask.sum())
-    if shortfall > 0:
-        free = np.flatnonzero(~mask.reshape(-1))
-        mask.reshape(-1)[rng.choice(free, shortfall, replace=False)] = True
-    return mask
+        if w < grid and h < grid:
+            top, left = rng.randint(0, grid - h), rng.randint(0, grid - w)
+            added = h * w - int(mask[top:top + h, left:left + w].sum())
+            if 0 < added <= max_patches:
+                mask[top:top + h, left:left + w] = True
+                return added
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- views
@@ -88,32 +102,50 @@ class SiameseViews:
         self.colour1 = T.Compose(jitter + [blur] + finish)
         self.colour2 = T.Compose(jitter + [T.RandomApply([blur], p=0.1), T.RandomSolarize(128, p=0.2)] + finish)
 
-    def _crop(self, image):
+    @staticmethod
+    def _flip(image):
+        import torchvision.transforms.functional as TF
+
+        flipped = bool(torch.rand(1) < 0.5)
+        return (TF.hflip(image) if flipped else image), flipped
+
+    def _crop(self, image, flipped: bool):
         import torchvision.transforms as T
         import torchvision.transforms.functional as TF
 
-        flipped = bool(torch.rand(()) < 0.5)
-        if flipped:
-            image = TF.hflip(image)
         i, j, h, w = T.RandomResizedCrop.get_params(image, self.scale, (3 / 4, 4 / 3))
         view = TF.resized_crop(image, i, j, h, w, [self.size, self.size], T.InterpolationMode.BICUBIC)
         return view, [i, j, h, w, float(flipped)]
 
+    def spatial(self, image):
+        """Both flips, then both crops (the reference's order of torch draws): (view1, view2, crops (11,))."""
+        (image1, flip1), (image2, flip2) = self._flip(image), self._flip(image)
+        (view1, crop1), (view2, crop2) = self._crop(image1, flip1), self._crop(image2, flip2)
+        return view1, view2, torch.tensor(crop1 + crop2 + [image.size[0]], dtype=torch.float64)
+
     def __call__(self, image):
-        view1, crop1 = self._crop(image)
-        view2, crop2 = self._crop(image)
+        view1, view2, crops = self.spatial(image)
         seed = int(torch.randint(0, 2 ** 31, ()))
-        mask = block_mask(self.grid, self.num_masked, np.random.default_rng(seed), self.min_patches)
-        crops = torch.tensor(crop1 + crop2 + [image.size[0]], dtype=torch.float64)
+        mask = block_mask(self.grid, self.num_masked, random.Random(seed), self.min_patches)
         return self.colour1(view1), self.colour2(view2), torch.from_numpy(mask), crops
 
 
 # ----------------------------------------------------------------------------------------------- positions
-def relative_pos_embed(crops: torch.Tensor, grid: int, dim: int) -> torch.Tensor:
-    """Sin-cos embedding (B, grid*grid, 2*dim) of every view-2 patch centre in view-1 patch units.
+def sincos_table(dim: int, grid: int, cls_token: bool = False) -> torch.Tensor:
+    """SiameseIM's fixed 2-D sin-cos table (util/pos_embed.py get_2d_sincos_pos_embed): (1, [1 +] grid*grid, dim),
+    the first dim/2 channels encode the row, the last dim/2 the column (MAE's table with its halves swapped); a
+    zero row for CLS first when `cls_token`."""
+    table = sincos_pos_embed(dim, grid)
+    table = torch.cat([table[..., dim // 2:], table[..., :dim // 2]], dim=-1)
+    return torch.cat([torch.zeros(1, 1, dim), table], dim=1) if cls_token else table
 
-    Channels: x (dim/2), y (dim/2), 10*log(scale_h) (dim/2), 10*log(scale_w) (dim/2). For identical crops the
-    first `dim` channels equal the absolute sin-cos table of the grid (`sincos_pos_embed`).
+
+def relative_pos_embed(crops: torch.Tensor, grid: int, dim: int) -> torch.Tensor:
+    """Sin-cos embedding (B, grid*grid, 2*dim) of every view-2 patch centre in view-1 patch units
+    (get_2d_sincos_pos_embed_relative).
+
+    Channels: row y (dim/2), column x (dim/2), 10*log(scale_h) (dim/2), 10*log(scale_w) (dim/2). For identical
+    crops the first `dim` channels equal the absolute table of the grid (`sincos_table`).
     """
     i1, j1, h1, w1, f1, i2, j2, h2, w2, f2, width = crops.double().unbind(1)
     dy, dx, dx_flip = (i2 - i1) / h1, (j2 - j1) / w1, (width - j1 - j2) / w1
@@ -126,17 +158,23 @@ def relative_pos_embed(crops: torch.Tensor, grid: int, dim: int) -> torch.Tensor
     x = (flipped[:, None] * x_flip + (1 - flipped[:, None]) * x_same)[:, None, :]
     y, x = y.expand(-1, grid, grid), x.expand(-1, grid, grid)
     scales = [10 * torch.log(s)[:, None, None].expand(-1, grid, grid) for s in (scale_h, scale_w)]
-    parts = [sincos_1d(v.reshape(v.shape[0], -1), dim // 2) for v in (x, y, *scales)]
+    parts = [sincos_1d(v.reshape(v.shape[0], -1), dim // 2) for v in (y, x, *scales)]
     return torch.cat(parts, dim=-1).float()
 
 
 # ----------------------------------------------------------------------------------------------- model
-class TokenBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the channels of (B, N, D) tokens (the reference's PermuteBN), computed in fp32."""
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the channels of (B, N, D) tokens, in fp32 (the reference's PermuteBN). The BatchNorm is a
+    child module, so converting it for several processes (`pretrain.common.sync_batchnorm`) swaps only the inner
+    `bn` and keeps the transposes."""
+
+    def __init__(self, dim: int, **factory):  # factory: device / dtype, as timm passes them
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, **factory)
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float().transpose(1, 2)).transpose(1, 2)
+            return self.bn(x.float().transpose(1, 2)).transpose(1, 2)
 
 
 def _blocks(depth: int, dim: int, heads: int, norm: str) -> nn.ModuleList:
@@ -152,20 +190,39 @@ class SiameseIM(nn.Module):
         super().__init__()
         self.encoder, self.neg_weight = encoder, neg_weight
         self.grid = encoder.patch_embed.grid_size[0]
-        for p in encoder.patch_embed.parameters():  # frozen at its init (MoCo v3 trick, as the reference)
-            p.requires_grad = False
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.projector_decoder_blocks = _blocks(projector_depth, decoder_dim, decoder_heads, norm)
         self.predictor_decoder_blocks = _blocks(predictor_depth, decoder_dim, decoder_heads, norm)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        table = torch.cat([torch.zeros(1, 1, decoder_dim), sincos_pos_embed(decoder_dim, self.grid)], dim=1)
-        self.decoder_pos_embed = nn.Parameter(table, requires_grad=False)  # zero slot for CLS
+        self.decoder_pos_embed = nn.Parameter(sincos_table(decoder_dim, self.grid, cls_token=True),
+                                              requires_grad=False)
         self.decoder_pos_mlp = nn.Linear(2 * decoder_dim, decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, decoder_dim)
-        nn.init.normal_(self.mask_token, std=0.02)
+        self.initialize_weights()
         self.target = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "decoder_embed": copy.deepcopy(self.decoder_embed),
                                      "projector": copy.deepcopy(self.projector_decoder_blocks)})
         self.target.requires_grad_(False)
+
+    def initialize_weights(self) -> None:
+        """The reference's `initialize_weights`: fixed (untrained, so never weight-decayed) sin-cos position
+        tables; the patch embedding Xavier-uniform as a Linear and frozen (MoCo v3), its bias PyTorch's default;
+        CLS and mask tokens N(0, 0.02); every Linear Xavier-uniform with zero bias; LayerNorms 1 and 0."""
+        encoder = self.encoder
+        encoder.pos_embed = nn.Parameter(sincos_table(encoder.embed_dim, self.grid, cls_token=True),
+                                         requires_grad=False)
+        weight = encoder.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.normal_(encoder.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        encoder.patch_embed.requires_grad_(False)
 
     def online_modules(self) -> dict[str, nn.Module]:
         """The online modules the target tracks, under the target's names."""
@@ -173,13 +230,11 @@ class SiameseIM(nn.Module):
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """target <- momentum * target + (1 - momentum) * online (parameters and BN buffers)."""
+        """target <- momentum * target + (1 - momentum) * online, parameters only (the reference's `mm_update`:
+        the target's BatchNorm statistics are its own, from its training-mode forward passes)."""
         for name, online in self.online_modules().items():
-            for t, o in zip(self.target[name].state_dict().values(), online.state_dict().values()):
-                if t.is_floating_point():
-                    t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
-                else:
-                    t.copy_(o)
+            for t, o in zip(self.target[name].parameters(), online.parameters()):
+                t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
 
     def _encode(self, encoder: nn.Module, images: torch.Tensor, visible: torch.Tensor | None = None):
         x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]

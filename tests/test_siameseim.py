@@ -1,11 +1,14 @@
-"""SiameseIM: relative positions, visible-only encoding, the UniGrad loss formula, exact EMA."""
+"""SiameseIM: relative positions, visible-only encoding, the UniGrad loss formula, exact EMA, the reference's
+initialisation, BEiT block masks, BatchNorm conversion for several processes."""
+import random
+
 import numpy as np
 import pytest
 import timm
 import torch
 
-from pretrain.siameseim import SiameseIM, block_mask, momentum_at, relative_pos_embed, unigrad_loss
-from transfer.convvit import sincos_pos_embed
+from pretrain.siameseim import (SiameseIM, TokenBatchNorm, block_mask, momentum_at, relative_pos_embed,
+                                sincos_table, unigrad_loss)
 
 GRID, DIM = 8, 32
 
@@ -23,7 +26,7 @@ def _model(norm="ln"):
 
 def test_identical_crops_give_the_absolute_table_and_zero_scale_terms():
     emb = relative_pos_embed(_crops(i1=5, j1=7, h1=40, w1=30, i2=5, j2=7, h2=40, w2=30), GRID, DIM)[0]
-    assert torch.allclose(emb[:, :DIM], sincos_pos_embed(DIM, GRID)[0], atol=1e-6)
+    assert torch.allclose(emb[:, :DIM], sincos_table(DIM, GRID)[0], atol=1e-6)
     scale = emb[:, DIM:].view(GRID * GRID, 2, 2, DIM // 4)  # (scale_h, scale_w) x (sin, cos)
     assert torch.allclose(scale[:, :, 0], torch.zeros(1)) and torch.allclose(scale[:, :, 1], torch.ones(1))
 
@@ -31,22 +34,77 @@ def test_identical_crops_give_the_absolute_table_and_zero_scale_terms():
 def test_offset_scale_and_flip_move_the_positions():
     base = relative_pos_embed(_crops(), GRID, DIM)[0]
     shifted = relative_pos_embed(_crops(j2=16), GRID, DIM)[0]  # view 2 starts 2 view-1 patches to the right
-    assert torch.allclose(shifted[:, :DIM // 2].view(GRID, GRID, -1)[:, :-2],
-                          base[:, :DIM // 2].view(GRID, GRID, -1)[:, 2:], atol=1e-6)
-    assert torch.allclose(shifted[:, DIM // 2:DIM], base[:, DIM // 2:DIM])  # rows unchanged
-    mirrored = relative_pos_embed(_crops(f2=1), GRID, DIM)[0].view(GRID, GRID, -1)[..., :DIM // 2]
-    assert torch.allclose(mirrored, base.view(GRID, GRID, -1)[..., :DIM // 2].flip(1), atol=1e-6)
+    cols = slice(DIM // 2, DIM)  # channels: rows, then columns
+    assert torch.allclose(shifted[:, cols].view(GRID, GRID, -1)[:, :-2],
+                          base[:, cols].view(GRID, GRID, -1)[:, 2:], atol=1e-6)
+    assert torch.allclose(shifted[:, :DIM // 2], base[:, :DIM // 2])  # rows unchanged
+    mirrored = relative_pos_embed(_crops(f2=1), GRID, DIM)[0].view(GRID, GRID, -1)[..., cols]
+    assert torch.allclose(mirrored, base.view(GRID, GRID, -1)[..., cols].flip(1), atol=1e-6)
     zoomed = relative_pos_embed(_crops(h2=32), GRID, DIM)[0]
     assert not torch.allclose(zoomed[:, DIM:], base[:, DIM:])
 
 
-def test_block_mask_has_the_fixed_count_and_blocks():
-    rng = np.random.default_rng(0)
-    masks = [block_mask(14, 118, rng) for _ in range(20)]
+def _isolated_patches(mask):
+    """Masked patches with no masked 4-neighbour (what a random fill leaves; blocks never do)."""
+    m = np.pad(mask, 1)
+    neighbours = m[:-2, 1:-1] | m[2:, 1:-1] | m[1:-1, :-2] | m[1:-1, 2:]
+    return int((mask & ~neighbours).sum())
+
+
+def test_block_mask_has_the_fixed_count_and_keeps_placing_blocks():
+    rng = random.Random(0)
+    masks = [block_mask(14, 118, rng) for _ in range(40)]
     assert all(m.sum() == 118 for m in masks)
-    assert len({m.tobytes() for m in masks}) == 20
+    assert len({m.tobytes() for m in masks}) == 40
+    # BEiT keeps placing ever smaller blocks once fewer than min_patches remain: no random single patches (a
+    # generator that stops at < 16 remaining and fills at random leaves ~4 per mask)
+    assert sum(_isolated_patches(m) for m in masks) / len(masks) < 0.5
     small = block_mask(8, 38, rng, min_patches=4)
     assert small.sum() == 38
+
+
+def test_initialisation_follows_the_reference():
+    model = _model(norm="bn")
+    enc = model.encoder
+    assert torch.equal(enc.pos_embed, sincos_table(48, GRID, cls_token=True)) and not enc.pos_embed.requires_grad
+    assert torch.equal(model.decoder_pos_embed, sincos_table(DIM, GRID, cls_token=True))
+    assert not any(p.requires_grad for p in enc.patch_embed.parameters())
+    w = enc.patch_embed.proj.weight.flatten(1)
+    assert w.abs().max() <= (6 / sum(w.shape)) ** 0.5 and w.std() > 0.5 * (2 / sum(w.shape)) ** 0.5  # Xavier
+    assert 0.01 < enc.cls_token.std() < 0.03 and 0.01 < model.mask_token.std() < 0.03
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            bound = (6 / sum(m.weight.shape)) ** 0.5
+            assert m.bias.abs().max() == 0 and m.weight.abs().max() <= bound, name
+            assert m.weight.abs().max() > 0.9 * bound, name  # uniform up to the bound, not N(0, 0.02)
+    # fixed tables and the frozen patch embedding are never optimised, so never weight-decayed
+    from pretrain.common import param_groups
+    trained = {id(p) for g in param_groups(model, 0.05) for p in g["params"]}
+    assert id(enc.pos_embed) not in trained and id(enc.patch_embed.proj.weight) not in trained
+    assert id(enc.cls_token) in trained
+    # the target starts as the online copy
+    online = {f"{n}.{k}": v for n, mod in model.online_modules().items() for k, v in mod.state_dict().items()}
+    assert all(torch.equal(v, online[k]) for k, v in model.target.state_dict().items())
+
+
+def test_batchnorm_conversion_keeps_the_token_transpose():
+    from pretrain.common import AllReduceBatchNorm, sync_batchnorm
+
+    model = _model(norm="bn").train()
+    x = torch.randn(4, 5, DIM)
+    before = model.predictor_decoder_blocks[0].norm1(x)
+    sync_batchnorm(model, torch.device("cpu"))
+    norm = model.predictor_decoder_blocks[0].norm1
+    assert isinstance(norm, TokenBatchNorm) and isinstance(norm.bn, AllReduceBatchNorm)
+    assert isinstance(model.target["projector"][0].norm2.bn, AllReduceBatchNorm)
+    assert torch.allclose(norm(x), before, atol=1e-6)
+
+    class TransposingBN(torch.nn.BatchNorm1d):
+        def forward(self, x):
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+    with pytest.raises(TypeError, match="overrides BatchNorm.forward"):
+        sync_batchnorm(torch.nn.Sequential(TransposingBN(4)), torch.device("cpu"))
 
 
 def test_only_visible_tokens_enter_the_online_encoder():
@@ -54,7 +112,7 @@ def test_only_visible_tokens_enter_the_online_encoder():
     seen = []
     model.encoder.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
     view1, view2 = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
-    mask = torch.from_numpy(np.stack([block_mask(GRID, 38, np.random.default_rng(s), 4) for s in (1, 2)]))
+    mask = torch.from_numpy(np.stack([block_mask(GRID, 38, random.Random(s), 4) for s in (1, 2)]))
     crops = torch.cat([_crops(), _crops(j2=8)])
     with torch.no_grad():
         pred = model.predict(view1, mask, crops)
@@ -81,20 +139,20 @@ def test_loss_matches_the_formula():
 def test_ema_update_is_exact_and_target_gets_no_gradient():
     model = _model(norm="bn").train()
     loss = model(torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64),
-                 torch.from_numpy(np.stack([block_mask(GRID, 38, np.random.default_rng(s), 4) for s in range(4)])),
+                 torch.from_numpy(np.stack([block_mask(GRID, 38, random.Random(s), 4) for s in range(4)])),
                  torch.cat([_crops()] * 4))
     loss.backward()
     assert all(p.grad is None for p in model.target.parameters())
     assert model.encoder.patch_embed.proj.weight.grad is None  # frozen patch embedding
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    before = {k: v.clone() for k, v in model.target.state_dict().items()}
-    online = {f"{n}.{k}": v.clone() for n, mod in model.online_modules().items() for k, v in mod.state_dict().items()}
+    before = {k: v.clone() for k, v in model.target.named_parameters()}
+    buffers = {k: v.clone() for k, v in model.target.named_buffers()}
+    online = {f"{n}.{k}": v.clone() for n, mod in model.online_modules().items() for k, v in mod.named_parameters()}
     m = momentum_at(0.3, 0.995)
     model.update_target(m)
-    after = model.target.state_dict()
-    for key, value in after.items():
-        if value.is_floating_point():
-            assert torch.allclose(value, m * before[key] + (1 - m) * online[key], atol=1e-7), key
+    for key, value in model.target.named_parameters():
+        assert torch.allclose(value, m * before[key] + (1 - m) * online[key], atol=1e-7), key
+    assert all(torch.equal(v, buffers[k]) for k, v in model.target.named_buffers())  # its own BN statistics
     assert momentum_at(0.0) == pytest.approx(0.995) and momentum_at(1.0) == pytest.approx(1.0)
 
 
@@ -132,3 +190,18 @@ def test_pretrain_run_exports_the_online_encoder(tmp_path):
     exported = backbone.trunk.state_dict()
     assert all(torch.equal(exported[k], online[k]) for k in exported)
     assert any(not torch.equal(exported[k], target[k]) for k in exported if k.startswith("blocks."))
+
+
+def test_imagenet_config_is_the_reference_recipe():
+    """configs/pretrain/dist_sim_base_1600ep.sh and main_pretrain.py defaults of OpenGVLab/Siamese-Image-Modeling
+    (bbdec308), key for key."""
+    from pretrain.common import load_config
+
+    cfg = load_config("siameseim", "siameseim-imagenet")
+    expected = {"arch": "vit_base_patch16", "img_size": 224, "patch_size": 16, "decoder_dim": 768,
+                "projector_depth": 2, "predictor_depth": 4, "decoder_heads": 16, "head_norm": "bn",
+                "mask_patches": 118, "min_mask_patches": 16, "neg_weight": 0.02, "base_momentum": 0.995,
+                "optimizer": "adamw", "betas": [0.9, 0.95], "weight_decay": 0.05, "clip_grad": 1.0,
+                "lr": 6.25e-5, "lr_batch": 256, "batch_size": 4096, "epochs": 1600, "warmup_epochs": 40,
+                "crop_scale": [0.08, 1.0]}
+    assert {k: cfg[k] for k in expected} == expected
