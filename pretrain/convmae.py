@@ -135,15 +135,18 @@ def num_views(cfg: dict) -> int:
 
 
 class BicubicCropFlip:
-    """The reference's pretraining views: RandomResizedCrop (bicubic) + horizontal flip, as uint8."""
+    """The reference's pretraining views: RandomResizedCrop (bicubic) + horizontal flip, as uint8, and the image's
+    masking noise (uniform, one value per stage-3 token; `random_masking` keeps the lowest). Drawn here, from the
+    sample's own seeded stream, the masks do not depend on the rank, the batch split or the number of processes."""
 
     def __init__(self, size: int, scale: tuple[float, float]):
+        self.tokens = (size // PATCH) ** 2
         self.transform = T.Compose([
             T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
             T.RandomHorizontalFlip(), T.PILToTensor()])
 
     def __call__(self, image):
-        return [self.transform(image)]
+        return [self.transform(image), torch.rand(self.tokens)]
 
 
 def view_transform(cfg: dict) -> BicubicCropFlip:
@@ -181,7 +184,8 @@ class ConvMAEPretraining(nn.Module):
 
     def forward(self, views: list[torch.Tensor]):
         images = (views[0].float() - self.mean) / self.std
-        loss, _, mask = self.model(images.contiguous())
+        noise = views[1] if len(views) > 1 else None  # per-image masking noise from the data (drawn when absent)
+        loss, _, mask = self.model(images.contiguous(), noise)
         return loss, {"masked": mask.mean().detach()}
 
 
