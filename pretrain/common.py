@@ -358,14 +358,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class WarmupCosine:
-    """LR factor at step k: linear warm-up from 0 over `warmup` steps, then cosine down to `floor`."""
+    """LR factor at step k: linear warm-up k / `warmup` (0 at the first step), then cosine down to `floor`; the
+    per-iteration schedule of MAE / ConvMAE / SiameseIM (util/lr_sched.py) and SimCLR / BYOL."""
 
     def __init__(self, warmup: int, total: int, floor: float = 0.0):
         self.warmup, self.total, self.floor = warmup, total, floor
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
-            return (step + 1) / self.warmup
+            return step / self.warmup
         t = (step - self.warmup) / max(1, self.total - self.warmup)
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 

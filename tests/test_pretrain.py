@@ -48,7 +48,7 @@ def test_config_layers_and_overrides():
 
 def test_warmup_cosine_schedule():
     f = common.WarmupCosine(warmup=10, total=110)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(0) == 0.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(1.0)  # MAE's lr_sched.py
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
     assert all(f(k) >= f(k + 1) for k in range(10, 110))
 

@@ -29,7 +29,9 @@ STEPS = ["batch_size=8", "epochs=1", "warmup_epochs=0.5", "workers=0", "ckpt_eve
 # ~lr * sign(gradient), so gradients equal up to rounding but near zero would differ by 2 lr. ADIOS's occluder
 # gradient after an encoder step is chaotic in the encoder weights (a 1e-5 relative perturbation changes it by
 # 4%, 1e-6 by 4e-5), so its mask_lr is tiny: the occluder step still runs and all-reduces, but rounding-level
-# differences in it cannot swamp step 2.
+# differences in it cannot swamp step 2. ADIOS's first epoch runs at the absolute `warmup_start_lr` on both sides
+# (pl_bolts' scheduler, whatever the warm-up length), here 1e-5: at its base lr the occluder's chaos reaches the
+# encoder by step 4 (1e-3 relative), so ADIOS checks the all-reduced forward, losses and BN statistics at tiny lrs.
 TINY = {
     "mscn": ["arch=resnet18", "width=8", "img_size=32", "proj_hidden=32", "proj_out=16", "highpass_sigma=1.0",
              "mask_prob=0", "lr=0.01", "lr_batch=8"],
@@ -37,7 +39,7 @@ TINY = {
                   "decoder_heads=2", "mask_patches=6", "min_mask_patches=2", "optimizer=lars", "lr=1.0", "lr_batch=8"],
     "adios": ["framework=simclr", "arch=resnet18", "width=8", "img_size=32", "num_masks=2", "single_mask=false",
               "mask_fbase=4", "proj_hidden_dim=32", "proj_output_dim=16", "lr=0.01", "mask_lr=1.0e-5",
-              "lr_batch=8"],
+              "lr_batch=8", "warmup_start_lr=1.0e-5"],
     "convmae": ["img_size=32", "decoder_dim=32", "decoder_depth=1", "decoder_heads=2", "optimizer=lars", "lr=1.0",
                 "lr_batch=8"],
 }
@@ -77,7 +79,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, image_dir, method):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
-    assert len(_losses(two)) == 2 and np.allclose(_losses(two), _losses(one), rtol=1e-4, atol=1e-5)
+    assert len(_losses(two)) == len(_losses(one)) >= 2 and np.allclose(_losses(two), _losses(one), rtol=1e-4, atol=1e-5)
     # everything the checkpoint holds (trunk, heads, occluder, EMA target, BN statistics) and the export
     single, double = (torch.load(d / "checkpoint.pth", weights_only=True)["model"] for d in (one, two))
     assert single.keys() == double.keys()
@@ -87,5 +89,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, image_dir, method):
     common.seed_everything(cfg["seed"])
     init = common.method_module(method).build_model(cfg).backbone.state_dict()
     assert trunk.keys() == read_artifact(one / "backbone.safetensors").state_dict.keys()
-    moved = max((trunk[k] - init[k]).abs().max().item() for k in trunk if trunk[k].is_floating_point())
+    # weights, not BN statistics; ADIOS's 2 steps at 1e-5 move only its BN statistics (see TINY)
+    moved = max((trunk[k] - init[k]).abs().max().item() for k in trunk
+                if trunk[k].is_floating_point() and ("running_" not in k or method == "adios"))
     assert moved > 1e-3  # the two steps moved the weights well beyond the tolerance
