@@ -1,0 +1,93 @@
+"""What a run leaves beside its numbers for the report to draw: a training curve and a few pictures.
+
+Conventions (read by `bench report --format html|png`):
+- a benchmark record's `extra.curve` is {"step": [...], "<series>": [...], ...} (e.g. loss, lr) and
+  `extra.eval_curve` the same at evaluation points (e.g. AP, mIoU); `training_curve` builds them, at most
+  MAX_POINTS points. An mmseg run's curve is read from its work dir's mmengine JSON logs (`extra.work_dir`).
+- a pretraining run's curve is its `log.jsonl` (one line per step), found through the artifact's provenance
+  (`config.output_dir`).
+- pictures are a few small PNGs in a `pictures/` folder: `<output_dir>/pictures/` for pretraining, and
+  `extra.pictures` (a folder, absolute or relative to the record's folder) for a benchmark run; `save_pictures`
+  writes them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+MAX_POINTS = 200
+PICTURE_SIDE = 384  # longest side of a saved picture, px
+MAX_PICTURES = 8
+
+
+def _indices(n: int, max_points: int) -> list[int]:
+    """At most `max_points` evenly spread indices of range(n), always keeping the first and the last."""
+    if n <= max_points:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
+
+
+def training_curve(rows: list[dict], x: str = "step", max_points: int = MAX_POINTS) -> dict:
+    """Column-wise curve {x: [...], key: [...]} from per-step dicts (keys that are finite numbers in every row),
+    thinned to `max_points` evenly spaced rows; {} for no rows."""
+    rows = [r for r in rows if x in r]
+    if not rows:
+        return {}
+    keys = [k for k in rows[0] if k != x and all(_finite(r.get(k)) for r in rows)]
+    keep = [rows[i] for i in _indices(len(rows), max_points)]
+    return {x: [r[x] for r in keep], **{k: [float(r[k]) for r in keep] for k in keys}}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_jsonl_curve(path, max_points: int = MAX_POINTS) -> dict:
+    """A pretraining `log.jsonl` (one JSON object per step) as a training curve; {} when missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return training_curve(rows, max_points=max_points)
+
+
+def read_mmengine_curves(work_dir, max_points: int = MAX_POINTS) -> tuple[dict, dict]:
+    """(train curve, eval curve) from the newest mmengine JSON scalar log under `work_dir`
+    (`<timestamp>/vis_data/*.json`); ({}, {}) when there is none."""
+    logs = sorted(Path(work_dir).glob("*/vis_data/*.json")) if Path(work_dir).is_dir() else []
+    if not logs:
+        return {}, {}
+    train, evals = [], []
+    for line in logs[-1].read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        (train if "loss" in row else evals).append(row)
+    return training_curve(train, max_points=max_points), training_curve(evals, max_points=max_points)
+
+
+def save_pictures(folder, pictures: dict, max_side: int = PICTURE_SIDE) -> list[Path]:
+    """Write up to MAX_PICTURES PIL images {name: image} as `folder/<name>.png`, each shrunk to `max_side`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, image in list(pictures.items())[:MAX_PICTURES]:
+        image = image.copy()
+        image.thumbnail((max_side, max_side))
+        path = folder / f"{name}.png"
+        image.save(path, optimize=True)
+        written.append(path)
+    return written
+
+
+def find_pictures(folder) -> list[Path]:
+    """The PNGs of a pictures folder, sorted by name (at most MAX_PICTURES); [] when it does not exist."""
+    folder = Path(folder)
+    return sorted(folder.glob("*.png"))[:MAX_PICTURES] if folder.is_dir() else []
