@@ -159,11 +159,14 @@ def _charts_section(long: pd.DataFrame, refs: pd.DataFrame) -> str:
         "</section>"
 
 
-def _nice_max(value: float) -> float:
+def nice_axis(value: float, ticks: int = 5) -> tuple[float, float]:
+    """(axis end, tick step) for an axis from 0 that holds `value`: a step of 1, 2 or 5 x 10^k, about `ticks`."""
     if value <= 0:
-        return 1.0
-    step = 10 ** math.floor(math.log10(value))
-    return math.ceil(value / step * 1.0001) * step
+        return 1.0, 0.2
+    raw = value / ticks
+    base = 10 ** math.floor(math.log10(raw))
+    step = next(m * base for m in (1, 2, 5, 10) if m * base >= raw)
+    return math.ceil(value / step - 1e-9) * step, step
 
 
 def _chart(chart: dict) -> str:
@@ -173,12 +176,12 @@ def _chart(chart: dict) -> str:
     label_w, plot_w, row_h, top, bottom = 260, 520, 22, 34, 30
     height = top + max(1, len(rows)) * row_h + bottom
     values = [v for r in rows for v in r["values"]] + [r["value"] for r in refs]
-    hi = _nice_max(max(values) * 1.05)
+    hi, step = nice_axis(max(values) * 1.02)
     x = lambda v: label_w + plot_w * v / hi  # noqa: E731
     svg = [f'<svg class="dotplot" viewBox="0 0 {label_w + plot_w + 20} {height}" width="{label_w + plot_w + 20}" '
            f'height="{height}" role="img" aria-label="{esc(chart["benchmark"])} {esc(chart["metric"])}">']
-    for k in range(6):  # axis
-        v = hi * k / 5
+    for k in range(round(hi / step) + 1):  # axis
+        v = k * step
         svg.append(f'<line class="grid" x1="{x(v):.1f}" x2="{x(v):.1f}" y1="{top - 6}" y2="{height - bottom}"/>'
                    f'<text class="tick" x="{x(v):.1f}" y="{height - bottom + 14}">{v:g}</text>')
     svg.append(f'<text class="axis" x="{label_w + plot_w / 2}" y="{height - 4}">{esc(chart["metric"])}</text>')
@@ -197,13 +200,17 @@ def _chart(chart: dict) -> str:
                    + "".join(f'<circle class="trial" cx="{x(v):.1f}" cy="{y:.1f}" r="3.5"><title>{v:.2f}</title>'
                              "</circle>" for v in vals) + "</g>")
     key = []
+    for cluster in _clusters([x(r["value"]) for r in refs], min_gap=16):  # one label per group of close lines
+        first, last = cluster[0] + 1, cluster[-1] + 1
+        label_x = sum(x(refs[i]["value"]) for i in cluster) / len(cluster)
+        svg.append(f'<text class="reflabel" x="{label_x:.1f}" y="{top - 16}">'
+                   f'{f"R{first}" if first == last else f"R{first}–R{last}"}</text>')
     for j, ref in enumerate(refs, 1):
         rx = x(ref["value"])
         text = _ref_text(ref)
         attrs = _filter_attrs(chart["benchmark"], ref["recipe"], "*", "published")
         svg.append(f'<g class="ref"{attrs}><title>R{j} {esc(text)}</title><line x1="{rx:.1f}" x2="{rx:.1f}" '
-                   f'y1="{top - 4}" y2="{height - bottom}"/><path d="M{rx - 4:.1f},{top - 12} l8,0 l-4,7 z"/>'
-                   f'<text x="{rx:.1f}" y="{top - 16 - 9 * (j % 2)}">R{j}</text></g>')
+                   f'y1="{top - 4}" y2="{height - bottom}"/><path d="M{rx - 4:.1f},{top - 12} l8,0 l-4,7 z"/></g>')
         key.append(f'<li class="refkey"{attrs}>R{j} {esc(text)}</li>')
     svg.append("</svg>")
     title = report.BENCHMARK_TITLES.get(chart["benchmark"], chart["benchmark"])
@@ -211,6 +218,17 @@ def _chart(chart: dict) -> str:
             f'data-benchmark="{esc(chart["benchmark"])}"><figcaption>{esc(title)} ({esc(chart["benchmark"])}): '
             f'{esc(chart["metric"])} per trial (dots), mean (tick) ± std (bar)</figcaption>{"".join(svg)}'
             + (f'<ol class="refs">{"".join(key)}</ol>' if key else "") + "</figure>")
+
+
+def _clusters(xs: list[float], min_gap: float) -> list[list[int]]:
+    """Indices of sorted positions `xs`, grouped where neighbours are closer than `min_gap`."""
+    groups = []
+    for i, v in enumerate(xs):
+        if groups and v - xs[groups[-1][-1]] < min_gap:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _ref_text(ref: dict) -> str:
@@ -311,7 +329,7 @@ def _pictures(paths: list[Path]) -> str:
 
 def _curve_panels(curve: dict, evals: dict) -> str:
     """One small line panel per series of the training curve (loss, lr, ...) and per evaluated metric."""
-    panels = [_panel(name, curve["step"], ys) for name, ys in curve.items() if name != "step"]
+    panels = [_panel(name, curve["step"], ys) for name, ys in curve.items() if name not in ("step", "epoch")]
     panels += [_panel(name, evals["step"], ys, points=True) for name, ys in evals.items() if name != "step"]
     return f'<div class="curves">{"".join(panels)}</div>' if panels else ""
 
@@ -324,7 +342,7 @@ def _panel(name: str, xs: list, ys: list, points: bool = False) -> str:
     y0, y1 = min(ys), max(ys)
     sx = lambda v: pad + (w - pad - 6) * ((v - x0) / (x1 - x0) if x1 > x0 else 0.5)  # noqa: E731
     sy = lambda v: h - 18 - (h - 30) * ((v - y0) / (y1 - y0) if y1 > y0 else 0.5)  # noqa: E731
-    pts = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(xs, ys))
+    pts = " ".join(dict.fromkeys(f"{sx(a):.0f},{sy(b):.0f}" for a, b in zip(xs, ys)))  # one point per pixel
     marks = ("".join(f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="2.5"><title>{a}: {b:.4g}</title></circle>'
                      for a, b in zip(xs, ys)) if points or len(xs) == 1 else "")
     return (f'<svg class="curve" viewBox="0 0 {w} {h}" width="{w}" height="{h}"><text class="name" x="{pad}" y="10">'
@@ -360,7 +378,7 @@ h1{margin:16px 0 4px} h2{border-bottom:2px solid #ddd;padding-bottom:2px;margin-
 figure.chart{margin:18px 0} figcaption{font-weight:600;margin-bottom:4px}
 svg text{font:11px system-ui,sans-serif} .dotplot .label{text-anchor:end} .dotplot .tick,.dotplot .axis{text-anchor:middle;fill:#666}
 .grid{stroke:#eee} .std{fill:#9ab4e6;opacity:.6} .mean{stroke:#1f3f8f;stroke-width:2} .trial{fill:#e0602a;opacity:.85}
-.ref line{stroke:#2a9d55;stroke-dasharray:4 3} .ref path{fill:#2a9d55} .ref text{fill:#2a9d55;text-anchor:middle}
+.ref line{stroke:#2a9d55;stroke-dasharray:4 3} .ref path{fill:#2a9d55} .reflabel{fill:#2a9d55;text-anchor:middle}
 ol.refs{columns:2;font-size:12px;color:#2a6d45;margin:2px 0 0 0;padding-left:0;list-style:none}
 details.run,details.pretrain{border:1px solid #e4e4e4;border-radius:4px;margin:4px 0;padding:3px 8px}
 details.run>summary,details.pretrain>summary{cursor:pointer;font-size:13px}

@@ -58,19 +58,19 @@ def read_jsonl_curve(path, max_points: int = MAX_POINTS) -> dict:
 
 
 def read_mmengine_curves(work_dir, max_points: int = MAX_POINTS) -> tuple[dict, dict]:
-    """(train curve, eval curve) from the newest mmengine JSON scalar log under `work_dir`
-    (`<timestamp>/vis_data/*.json`); ({}, {}) when there is none."""
-    logs = sorted(Path(work_dir).glob("*/vis_data/*.json")) if Path(work_dir).is_dir() else []
-    if not logs:
-        return {}, {}
-    train, evals = [], []
-    for line in logs[-1].read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        (train if "loss" in row else evals).append(row)
-    return training_curve(train, max_points=max_points), training_curve(evals, max_points=max_points)
+    """(train curve, eval curve) from the mmengine scalar logs under `work_dir` (`<timestamp>/vis_data/
+    scalars.json`, one folder per start; a resumed run's later lines win); ({}, {}) when there are none."""
+    logs = sorted(Path(work_dir).glob("*/vis_data/scalars.json")) if Path(work_dir).is_dir() else []
+    train, evals = {}, {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "step" in row:
+                (train if "loss" in row else evals)[row["step"]] = row
+    return tuple(training_curve([rows[k] for k in sorted(rows)], max_points=max_points) for rows in (train, evals))
 
 
 def save_pictures(folder, pictures: dict, max_side: int = PICTURE_SIDE) -> list[Path]:

@@ -198,6 +198,8 @@ def test_bench_run_end_to_end(benchmark, metrics, mini_root, slim_r50, tmp_path,
     assert record["engine"] == "torchvision" and record["config"]["engine"]["name"] == "torchvision"
     assert record["overrides"]["max_iter"] == 3 and record["protocol"] is False
     assert record["extra"]["iterations"] == 3 and record["config"]["engine"]["resolved"]["max_iter"] == 3
+    curve = record["extra"]["curve"]  # drawn by `bench report --format html`
+    assert curve["step"] == [1, 2, 3] and set(curve) == {"step", "loss", "lr"} and curve["lr"][0] < curve["lr"][-1]
 
 
 def test_vit_backbone_is_refused(mini_root, tmp_path):
