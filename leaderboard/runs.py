@@ -91,3 +91,36 @@ def find_pictures(folder) -> list[Path]:
     """The PNGs of a pictures folder, sorted by name (at most MAX_PICTURES); [] when it does not exist."""
     folder = Path(folder)
     return sorted(folder.glob("*.png"))[:MAX_PICTURES] if folder.is_dir() else []
+
+
+def save_run_pictures(results_dir, name: str, pictures: dict) -> str:
+    """Save a benchmark run's pictures under `results_dir`/pictures/`name`/ and return that folder relative to
+    `results_dir` (the record's `extra.pictures`)."""
+    relative = Path("pictures") / name
+    save_pictures(Path(results_dir) / relative, pictures)
+    return str(relative)
+
+
+def detection_pictures(records: list[dict], predictions: list[dict], class_names: list[str], count: int = 4,
+                       max_boxes: int = 5) -> dict:
+    """The first `count` evaluated images with their `max_boxes` best detections drawn (box, class, score).
+
+    `records` are detection.py's split records (file_name), `predictions` its `predict` output (index, boxes in
+    original-image pixels, scores, 0-based labels)."""
+    from PIL import Image, ImageDraw
+
+    pictures = {}
+    for pred in sorted(predictions, key=lambda p: p["index"])[:count]:
+        record = records[pred["index"]]
+        with Image.open(record["file_name"]) as im:
+            image = im.convert("RGB")
+        scale = max(1, 256 // max(image.size))  # miniature images: enlarge so the labels stay readable
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        draw = ImageDraw.Draw(image)
+        for i in sorted(range(len(pred["scores"])), key=lambda i: -pred["scores"][i])[:max_boxes]:
+            box = [float(v) * scale for v in pred["boxes"][i]]
+            draw.rectangle(box, outline=(255, 64, 32), width=2)
+            draw.text((box[0] + 2, box[1] + 1), f"{class_names[int(pred['labels'][i])]} {pred['scores'][i]:.2f}",
+                      fill=(255, 255, 0))
+        pictures[f"val-{Path(record['file_name']).stem}"] = image
+    return pictures

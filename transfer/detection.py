@@ -48,7 +48,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 
-from leaderboard.runs import training_curve
+from leaderboard.runs import detection_pictures, save_run_pictures, training_curve
 from transfer import det_eval
 from transfer.artifact import Backbone, BackboneArtifact, Preprocessing, build_backbone, trunk_state_dict
 
@@ -698,6 +698,9 @@ def _worker(spec, backbone, cfg: dict, seed: int, device, opts):
         dist.broadcast_object_list(box, src=0)
         metrics, extra = box
     t_eval = time.perf_counter() - t0 - t_data - t_train - t_bn
+    if rank == 0:  # a few val images with their best detections, drawn by `bench report --format html`
+        extra["pictures"] = save_run_pictures(opts.out, f"{spec.name}__{backbone.artifact_meta['weights_hash'][7:19]}"
+                                              f"__s{seed}", detection_pictures(test.records, preds, class_names))
     engine_cfg = {"name": "torchvision", "model": ("Mask" if cfg["mask_on"] else "Faster") + " R-CNN C4",
                   "backbone": backbone.arch, "world_size": world, "ims_per_device": cfg["ims_per_batch"] // world,
                   "norm": ("SyncBatchNorm" if world > 1 and device.type == "cuda" and cfg["norm"] != "BN"
