@@ -113,6 +113,17 @@ def test_reconstruction_picture_keeps_visible_patches_and_draws_the_prediction_i
     assert (pasted - image)[shown].abs().max() <= 1 / 255 + 1e-6  # the visible patches pasted back
     assert torch.equal(pasted[~shown], recon[~shown])  # the prediction where patches were hidden
 
+    def perfect(images):  # predicts every patch's standardised pixels (the norm_pix_loss target) exactly
+        target = patchify(images)
+        standardised = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        return None, standardised, random_masking(images.shape[0], target.shape[1], 0.75, images.device)[1]
+
+    assert model.model.norm_pix_loss
+    model.model.forward = perfect
+    grid = torch.from_numpy(np.array(pictures(model, cfg)["reconstructions"])).float() / 255
+    image, recon = grid[2:2 + side, 2:2 + side], grid[2 + 2 * (side + 2):2 + 2 * (side + 2) + side, 2:2 + side]
+    assert (recon - image).abs().max() <= 2 / 255  # patch mean and std restored: the image comes back
+
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(tmp_path):
     from pretrain.common import load_config, train
