@@ -75,7 +75,8 @@ def render_report(results_dir=None, fmt="markdown", references=True, out_dir=Non
             from leaderboard.html import write_html
             return str(write_html(results_dir, out_dir, references=references))
         from leaderboard.plots import write_pngs
-        return "\n".join(map(str, write_pngs(results_dir, out_dir, references=references)))
+        written = write_pngs(results_dir, out_dir, references=references)
+        return "\n".join(map(str, written)) or f"no charts: no records in {results_dir} and no published rows"
     measured = aggregate(load_records(results_dir))
     refs = load_references()
     refs = refs if references else refs.iloc[:0]

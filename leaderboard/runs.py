@@ -19,6 +19,7 @@ from pathlib import Path
 MAX_POINTS = 200
 PICTURE_SIDE = 384  # longest side of a saved picture, px
 MAX_PICTURES = 8
+MMENGINE_HOUSEKEEPING = ("iter", "epoch", "time", "data_time", "memory")  # logged scalars that are not curves
 
 
 def _indices(n: int, max_points: int) -> list[int]:
@@ -69,6 +70,7 @@ def read_mmengine_curves(work_dir, max_points: int = MAX_POINTS) -> tuple[dict, 
             except json.JSONDecodeError:
                 continue
             if "step" in row:
+                row = {k: v for k, v in row.items() if k not in MMENGINE_HOUSEKEEPING}
                 (train if "loss" in row else evals)[row["step"]] = row
     return tuple(training_curve([rows[k] for k in sorted(rows)], max_points=max_points) for rows in (train, evals))
 

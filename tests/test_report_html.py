@@ -17,7 +17,7 @@ from PIL import Image
 from benchmarks.cli import main as bench
 from leaderboard import report
 from leaderboard.records import load_records, new_record, write_record
-from leaderboard.runs import read_jsonl_curve, save_pictures, training_curve
+from leaderboard.runs import read_jsonl_curve, read_mmengine_curves, save_pictures, training_curve
 
 # 10 backbones x 7 benchmark configurations x 3 trials = 210 records, shaped as bench run writes them
 CONFIGS = [("inat18", "linear", "vissl", "torch-linear", "cached"),
@@ -292,6 +292,25 @@ def test_training_curve_thins_evenly_keeping_ends():
     assert set(curve) == {"step", "loss", "lr"} and len(curve["step"]) == 50
     assert curve["step"][0] == 1 and curve["step"][-1] == 1000 and curve["loss"][-1] == 1.0 / 1000
     assert training_curve([]) == {}
+
+
+def test_mmseg_curves_from_the_work_dir(tmp_path):
+    """Lines as mmengine 0.10's LocalVisBackend writes them (from a `bench run ade20k --budget tiny`); a resumed run
+    starts a second timestamp folder, whose lines win."""
+    train = {"lr": 0.00196, "data_time": 0.03, "loss": 5.12, "decode.loss_ce": 3.5, "decode.acc_seg": 23.9,
+             "aux.loss_ce": 1.62, "aux.acc_seg": 19.0, "time": 1.3, "iter": 50, "step": 50}
+    first = tmp_path / "20261201_042600" / "vis_data"
+    first.mkdir(parents=True)
+    (first / "scalars.json").write_text(json.dumps(train) + "\n" + json.dumps({**train, "loss": 9.0, "step": 100})
+                                        + "\n" + json.dumps({"aAcc": 23.6, "mIoU": 2.36, "mAcc": 7.08, "step": 100}))
+    second = tmp_path / "20261201_050000" / "vis_data"
+    second.mkdir(parents=True)
+    (second / "scalars.json").write_text(json.dumps({**train, "loss": 4.4, "lr": 0.001, "step": 100}) + "\n")
+    curve, evals = read_mmengine_curves(tmp_path)
+    assert curve == {"step": [50, 100], "lr": [0.00196, 0.001], "loss": [5.12, 4.4], "decode.loss_ce": [3.5, 3.5],
+                     "decode.acc_seg": [23.9, 23.9], "aux.loss_ce": [1.62, 1.62], "aux.acc_seg": [19.0, 19.0]}
+    assert evals == {"step": [100], "aAcc": [23.6], "mIoU": [2.36], "mAcc": [7.08]}
+    assert read_mmengine_curves(tmp_path / "missing") == ({}, {})
 
 
 def test_jsonl_curve_and_pictures(tmp_path):
