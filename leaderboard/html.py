@@ -193,9 +193,10 @@ def _chart(chart: dict) -> str:
         mark = "" if row["overrides"] == "{}" and not row["allow_partial_load"] else " †"
         label = f'{row["backbone"]}{mark} · {row["recipe"]}/{row["engine"]}/{row["mode"]}'
         attrs = _filter_attrs(chart["benchmark"], row["recipe"], row["engine"], row["mode"])
+        lo, hi_std = x(mean - std), x(mean + std)
         svg.append(f'<g class="series"{attrs}><title>{esc(label)}: {mean:.2f} ± {std:.2f} (n={len(vals)})</title>'
                    f'<text class="label" x="{label_w - 8}" y="{y + 4}">{esc(label)}</text>'
-                   f'<rect class="std" x="{x(mean - std):.1f}" y="{y - 4}" width="{max(1.0, x(mean + std) - x(mean - std)):.1f}" height="8"/>'
+                   f'<rect class="std" x="{lo:.1f}" y="{y - 4}" width="{max(1.0, hi_std - lo):.1f}" height="8"/>'
                    f'<line class="mean" x1="{x(mean):.1f}" x2="{x(mean):.1f}" y1="{y - 8}" y2="{y + 8}"/>'
                    + "".join(f'<circle class="trial" cx="{x(v):.1f}" cy="{y:.1f}" r="3.5"><title>{v:.2f}</title>'
                              "</circle>" for v in vals) + "</g>")
@@ -244,22 +245,25 @@ def _slug(text: str) -> str:
 
 def _pretraining_section(records: list) -> str:
     """One block per pretraining output folder named by a record's backbone provenance: curve, pictures, config."""
-    seen, parts = {}, []
+    runs = {}  # output_dir -> (provenance, benchmarks evaluated on its backbone)
     for _, rec in records:
         prov = rec["config"].get("backbone", {}).get("provenance", {})
         out = (prov.get("config") or {}).get("output_dir")
-        if not out or out in seen:
-            continue
-        seen[out] = True
+        if out:
+            runs.setdefault(out, (prov, set()))[1].add(rec["benchmark"])
+    parts = []
+    for out, (prov, benchmarks) in runs.items():
         folder = Path(out)
         curve = read_jsonl_curve(folder / "log.jsonl")
         pictures = find_pictures(folder / "pictures")
         body = (_curve_panels(curve, {}) if curve else f"<p>no log.jsonl in <code>{esc(out)}</code></p>")
-        parts.append(f'<details class="pretrain" open><summary>{esc(prov.get("method", "?"))} pretraining, '
-                     f'{esc(str(prov.get("epochs")))} epochs, {esc(str(prov.get("steps")))} steps '
+        parts.append(f'<details class="pretrain" open data-benchmark="{esc(" ".join(sorted(benchmarks)))}">'
+                     f'<summary>{esc(prov.get("method", "?"))} pretraining, {esc(str(prov.get("epochs")))} epochs, '
+                     f'{esc(str(prov.get("steps")))} steps '
                      f'(<code>{esc(out)}</code>)</summary>{body}{_pictures(pictures)}'
                      f'{_config(prov.get("config", {}), "resolved pretraining config")}</details>')
-    return ('<section id="pretraining"><h2>Pretraining runs</h2>' + "\n".join(parts) + "</section>") if parts else ""
+    return ('<section id="pretraining" class="filterable-group"><h2>Pretraining runs</h2>' + "\n".join(parts)
+            + "</section>") if parts else ""
 
 
 def _runs_section(records: list) -> str:
@@ -335,7 +339,7 @@ def _curve_panels(curve: dict, evals: dict) -> str:
 
 
 def _panel(name: str, xs: list, ys: list, points: bool = False) -> str:
-    w, h, pad = 240, 110, 28
+    w, h, pad = 250, 110, 46
     if not xs:
         return ""
     x0, x1 = min(xs), max(xs)
@@ -346,10 +350,15 @@ def _panel(name: str, xs: list, ys: list, points: bool = False) -> str:
     marks = ("".join(f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="2.5"><title>{a}: {b:.4g}</title></circle>'
                      for a, b in zip(xs, ys)) if points or len(xs) == 1 else "")
     return (f'<svg class="curve" viewBox="0 0 {w} {h}" width="{w}" height="{h}"><text class="name" x="{pad}" y="10">'
-            f'{esc(name)}</text><text class="tick" x="{pad - 3}" y="{sy(y1) + 4:.1f}" text-anchor="end">{y1:.3g}'
-            f'</text><text class="tick" x="{pad - 3}" y="{sy(y0) + 4:.1f}" text-anchor="end">{y0:.3g}</text>'
+            f'{esc(name)}</text><text class="tick" x="{pad - 3}" y="{sy(y1) + 4:.1f}" text-anchor="end">{_short(y1)}'
+            f'</text><text class="tick" x="{pad - 3}" y="{sy(y0) + 4:.1f}" text-anchor="end">{_short(y0)}</text>'
             f'<text class="tick" x="{pad}" y="{h - 4}">{x0}</text><text class="tick" x="{w - 6}" y="{h - 4}" '
             f'text-anchor="end">{x1}</text><polyline points="{pts}"/>{marks}</svg>')
+
+
+def _short(value: float) -> str:
+    """A tick label of at most 7 characters."""
+    return f"{value:.1e}" if value and (abs(value) < 1e-3 or abs(value) >= 1e5) else f"{value:.3g}"
 
 
 # -------------------------------------------------------------------------------------------------- page shell
@@ -376,15 +385,18 @@ h1{margin:16px 0 4px} h2{border-bottom:2px solid #ddd;padding-bottom:2px;margin-
 .board tr.published{color:#555;background:#fafaf3} .board tr.measured td:nth-child(2){font-weight:600}
 .notes{font-size:12px;color:#555;margin:4px 0}
 figure.chart{margin:18px 0} figcaption{font-weight:600;margin-bottom:4px}
-svg text{font:11px system-ui,sans-serif} .dotplot .label{text-anchor:end} .dotplot .tick,.dotplot .axis{text-anchor:middle;fill:#666}
+svg text{font:11px system-ui,sans-serif} .dotplot .label{text-anchor:end}
+.dotplot .tick,.dotplot .axis{text-anchor:middle;fill:#666}
 .grid{stroke:#eee} .std{fill:#9ab4e6;opacity:.6} .mean{stroke:#1f3f8f;stroke-width:2} .trial{fill:#e0602a;opacity:.85}
 .ref line{stroke:#2a9d55;stroke-dasharray:4 3} .ref path{fill:#2a9d55} .reflabel{fill:#2a9d55;text-anchor:middle}
 ol.refs{columns:2;font-size:12px;color:#2a6d45;margin:2px 0 0 0;padding-left:0;list-style:none}
 details.run,details.pretrain{border:1px solid #e4e4e4;border-radius:4px;margin:4px 0;padding:3px 8px}
 details.run>summary,details.pretrain>summary{cursor:pointer;font-size:13px}
 .curves{display:flex;flex-wrap:wrap;gap:8px;margin:6px 0} .curve{border:1px solid #eee;background:#fcfcfc}
-.curve polyline{fill:none;stroke:#1f3f8f;stroke-width:1.5} .curve circle{fill:#e0602a} .curve .tick{fill:#777;font-size:10px}
-.pictures{display:flex;flex-wrap:wrap;gap:8px} .pic{margin:0} .pic img{max-width:384px;image-rendering:pixelated;border:1px solid #ddd}
+.curve polyline{fill:none;stroke:#1f3f8f;stroke-width:1.5} .curve circle{fill:#e0602a}
+.curve .tick{fill:#777;font-size:10px}
+.pictures{display:flex;flex-wrap:wrap;gap:8px} .pic{margin:0}
+.pic img{max-width:384px;image-rendering:pixelated;border:1px solid #ddd}
 .pic figcaption{font-weight:400;font-size:11px;color:#666}
 details.config pre{max-height:360px;overflow:auto;background:#f7f7f7;font-size:11px;padding:6px}
 .hidden{display:none !important}
@@ -418,12 +430,15 @@ function applyFilters() {
   document.querySelectorAll("[data-benchmark]").forEach(el => el.classList.toggle("hidden", !matches(el)));
   document.querySelectorAll(".filterable-group").forEach(group => {
     const items = group.querySelectorAll("[data-benchmark]");
-    group.classList.toggle("hidden", items.length > 0 && !Array.from(items).some(el => !el.classList.contains("hidden")));
+    const anyShown = Array.from(items).some(el => !el.classList.contains("hidden"));
+    group.classList.toggle("hidden", items.length > 0 && !anyShown);
   });
 }
 function writeHash() {
   const parts = state.sort ? ["sort=" + state.sort] : [];
-  for (const [key, value] of Object.entries(state.filters)) if (value) parts.push(key + "=" + encodeURIComponent(value));
+  for (const [key, value] of Object.entries(state.filters)) {
+    if (value) parts.push(key + "=" + encodeURIComponent(value));
+  }
   history.replaceState(null, "", parts.length ? "#" + parts.join("&") : location.pathname);
 }
 const state = {sort: "", filters: {}};
