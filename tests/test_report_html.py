@@ -1,11 +1,14 @@
 """`bench report --format html|png`: the page rendered in headless Chromium (Debian's `chromium`; .ci/run installs
 it), its DOM checked against the records (every table, chart, reference row; sorting; filters), its render time
 measured; the PNG charts; the run-side helpers (curves, pictures)."""
+import fcntl
 import json
+import os
 import random
 import shutil
 import struct
 import subprocess
+import tempfile
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -84,12 +87,80 @@ def chromium() -> str:
                 ".ci/run installs it when missing)")
 
 
+def chromium_command(profile: str) -> list[str]:
+    """Headless Chromium with its own profile folder: a second Chromium on the same profile would hand its URL to
+    the first one and exit."""
+    return [chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--disable-dev-shm-usage", "--no-first-run",
+            "--hide-scrollbars", f"--user-data-dir={profile}"]
+
+
 def browse(url: str, *flags: str) -> str:
-    cmd = [chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--disable-dev-shm-usage",
-           "--no-first-run", "--hide-scrollbars", *flags, url]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        cmd = [*chromium_command(profile), *flags, url]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}"
     return done.stdout
+
+
+def _above_4(fd: int) -> int:
+    """`fd` moved to a number above 4 (the child's 3 and 4 are set from it)."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD, 5)
+    os.close(fd)
+    return high
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: commands in on fd
+    3, replies out on fd 4, each a JSON message ending in a NUL byte); no package needed."""
+
+    def __enter__(self):
+        to_browser, self._to = os.pipe()
+        self._from, from_browser = os.pipe()
+        to_browser, from_browser = (_above_4(fd) for fd in (to_browser, from_browser))  # then moved to 3 and 4
+        self._profile = tempfile.TemporaryDirectory(prefix="chromium-")
+        cmd = [*chromium_command(self._profile.name), "--remote-debugging-pipe", "about:blank"]
+        self.proc = subprocess.Popen(cmd, preexec_fn=lambda: (os.dup2(to_browser, 3), os.dup2(from_browser, 4)),
+                                     close_fds=False,  # keeps 3 and 4 (Python's own fds are not inheritable)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser)
+        os.close(from_browser)
+        self._buffer, self._id, self.session = b"", 0, None
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait(10)
+        os.close(self._to)
+        os.close(self._from)
+        self._profile.cleanup()
+
+    def send(self, method: str, **params):
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self._to, json.dumps(message).encode() + b"\0")
+        while True:  # events arrive between replies: skip them
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._from, 1 << 16)
+                assert chunk, "Chromium closed the DevTools pipe"
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+
+    def open(self, url: str, timeout: float = 30):
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        deadline = time.monotonic() + timeout
+        while not self.evaluate("document.readyState === 'complete' && location.protocol === 'file:'"):
+            assert time.monotonic() < deadline, f"{url} did not load in {timeout} s"
+            time.sleep(0.05)
+
+    def evaluate(self, expression: str):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
 
 class Node:
@@ -155,12 +226,17 @@ class DomParser(HTMLParser):
 RENDER_MS = []  # the page's own measure at every load: navigation start to its JS done and its layout computed
 
 
+def parse(html: str) -> Node:
+    parser = DomParser()
+    parser.feed(html)
+    return parser.root
+
+
 def dom(url: str) -> Node:
     """The DOM after the page's JS ran (Chromium's --dump-dom), parsed into a Node tree."""
-    parser = DomParser()
-    parser.feed(browse(url, "--dump-dom"))
-    RENDER_MS.append(float(parser.root.all("html")[0].attrs["data-render-ms"]))
-    return parser.root
+    root = parse(browse(url, "--dump-dom"))
+    RENDER_MS.append(float(root.all("html")[0].attrs["data-render-ms"]))
+    return root
 
 
 def table(root: Node, table_id: str) -> tuple[list[str], list[list[str]], Node]:
@@ -236,20 +312,46 @@ def test_page_has_every_table_chart_and_reference_row(page):
     assert root.all("details", "pretrain") and "mscn-simclr pretraining" in root.all("details", "pretrain")[0].content()
 
 
-@pytest.mark.parametrize("direction", ["desc", "asc"])
-def test_sorting_by_a_column(page, direction):
+def test_sorting_by_clicking_headers_and_from_the_url(page):
+    """Real clicks (DevTools protocol): ascending, then descending; the URL hash records the sort and a page
+    opened with it shows the same order."""
     headers, natural, _ = table(page["dom"], "t2")
     col = headers.index("VOC AP50")
-    headers, rows, t = table(dom(page["html"].as_uri() + f"#sort=t2:{col}:{direction}"), "t2")
-    values = [float(r[col].split()[0]) for r in rows if r[col] != "—"]
-    assert values == sorted(values, reverse=direction == "desc") and len(values) > 20
-    assert sorted(map(tuple, rows)) == sorted(map(tuple, natural)) and rows != natural  # a permutation
-    assert direction in t.all("th")[col].classes
-    assert all(r[col] == "—" for r in rows[len(values):])  # rows without a value go last
+    rows_js = f"Array.from(document.querySelectorAll('#t2 tbody tr')).map(r => r.cells[{col}].textContent)"
+    with Browser() as browser:
+        browser.open(page["html"].as_uri())
+        RENDER_MS.append(float(browser.evaluate("document.documentElement.dataset.renderMs")))
+        header = f"document.querySelectorAll('#t2 thead th')[{col}]"
+        for direction in ("asc", "desc"):
+            browser.evaluate(f"{header}.click()")
+            cells = browser.evaluate(rows_js)
+            values = [float(c.split()[0]) for c in cells if c != "—"]
+            assert values == sorted(values, reverse=direction == "desc") and len(values) > 20
+            assert all(c == "—" for c in cells[len(values):])  # rows without a value go last
+            assert browser.evaluate(f"{header}.className") == direction
+            assert browser.evaluate("location.hash") == f"#sort=t2:{col}:{direction}"
+        assert sorted(cells) == sorted(r[col] for r in natural) and cells != [r[col] for r in natural]
+    _, rows, t = table(dom(page["html"].as_uri() + f"#sort=t2:{col}:desc"), "t2")
+    assert [r[col] for r in rows] == cells and "desc" in t.all("th")[col].classes
 
 
 def test_filters_hide_other_benchmarks_and_modes(page):
-    root = dom(page["html"].as_uri() + "#benchmark=" + quote("voc07+12") + "&mode=train")
+    """Choosing in the selects (DevTools protocol) hides what does not match and records the filters in the URL
+    hash; a page opened with that hash shows the same."""
+    with Browser() as browser:
+        browser.open(page["html"].as_uri())
+        browser.evaluate("""for (const [key, value] of [["benchmark", "voc07+12"], ["mode", "train"]]) {
+            const select = document.querySelector(`select[data-filter=${key}]`);
+            select.value = value;
+            select.dispatchEvent(new Event("change"));
+        }""")
+        assert browser.evaluate("location.hash") == "#benchmark=" + quote("voc07+12", safe="") + "&mode=train"
+        root = parse(browser.evaluate("document.documentElement.outerHTML"))
+    def hidden(tree):  # every filterable element
+        return [n.hidden() for n in tree.all() if "data-benchmark" in n.attrs or "filterable-group" in n.classes]
+
+    from_url = dom(page["html"].as_uri() + "#benchmark=" + quote("voc07+12") + "&mode=train")
+    assert hidden(from_url) == hidden(root) and sum(hidden(root)) > 400
     shown = [f.attrs["data-benchmark"] for f in root.all("figure", "chart") if not f.hidden()]
     assert shown == ["voc07+12"]
     runs = [r for r in root.all("details", "run") if not r.hidden()]
