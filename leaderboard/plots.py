@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from leaderboard import report
-from leaderboard.html import _ref_text, _slug, chart_series
+from leaderboard.html import _clusters, _ref_text, _slug, chart_series, nice_axis
 from leaderboard.records import load_records
 
 
@@ -46,14 +46,18 @@ def _figure(plt, chart: dict):
         ax.scatter(vals, [i] * len(vals), s=18, color="#e0602a", zorder=3)
         mark = "" if row["overrides"] == "{}" and not row["allow_partial_load"] else " †"
         labels.append(f'{row["backbone"]}{mark} · {row["recipe"]}/{row["engine"]}/{row["mode"]}')
-    for j, ref in enumerate(refs, 1):
+    hi, _ = nice_axis(max([v for r in rows for v in r["values"]] + [r["value"] for r in refs]) * 1.02)
+    for ref in refs:
         ax.axvline(ref["value"], color="#2a9d55", linestyle="--", linewidth=1)
-        ax.annotate(f"R{j}", (ref["value"], 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                    color="#2a9d55", fontsize=7)
+    for cluster in _clusters([r["value"] for r in refs], min_gap=hi / 40):  # one label per group of close lines
+        first, last = cluster[0] + 1, cluster[-1] + 1
+        at = statistics.fmean(refs[i]["value"] for i in cluster)
+        ax.annotate(f"R{first}" if first == last else f"R{first}–R{last}", (at, 1.0),
+                    xycoords=("data", "axes fraction"), ha="center", va="bottom", color="#2a9d55", fontsize=7)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylim(-0.7, max(1, len(rows)) - 0.3)
     ax.invert_yaxis()
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, hi)
     ax.set_xlabel(chart["metric"])
     ax.grid(axis="x", color="#eee")
     title = report.BENCHMARK_TITLES.get(chart["benchmark"], chart["benchmark"])
