@@ -77,7 +77,11 @@ def cmd_status(args) -> None:
 def cmd_report(args) -> None:
     from leaderboard.report import render_report
 
-    print(render_report(args.results, fmt=args.format, references=not args.no_references))
+    if args.format in ("html", "png") and not args.output:
+        sys.exit(f"bench report --format {args.format} writes files: add -o DIR (e.g. -o report)")
+    if args.output and args.format not in ("html", "png"):
+        sys.exit(f"bench report: -o is for --format html|png; --format {args.format} prints to stdout")
+    print(render_report(args.results, fmt=args.format, references=not args.no_references, out_dir=args.output))
 
 
 def cmd_data_mini(args) -> None:
@@ -211,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="leaderboard tables: measured rows (mean ± std) beside published rows")
     rep.add_argument("--results", default="results", help="results folder (default ./results)")
-    rep.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
+    rep.add_argument("--format", choices=["markdown", "csv", "json", "html", "png"], default="markdown",
+                     help="markdown/csv/json print to stdout; html writes DIR/index.html (one self-contained page: "
+                          "tables, charts, runs), png one chart per benchmark into DIR")
+    rep.add_argument("-o", "--output", metavar="DIR", help="folder for --format html|png")
     rep.add_argument("--no-references", action="store_true", help="hide the published reference rows")
     rep.set_defaults(fn=cmd_report)
 

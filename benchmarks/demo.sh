@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded miniature data: datasets -> backbones (random init, MSCN pretrained here) ->
-# linear probes, C4 detection, ADE20K segmentation -> leaderboard. Every row it prints is non-protocol (tiny
-# budgets on 96 px synthetic images); the published rows beside them are the reference numbers.
+# linear probes, C4 detection, ADE20K segmentation -> leaderboard, printed and as a page (OUT/report/index.html).
+# Every row is non-protocol (tiny budgets on 96 px synthetic images); the published rows beside them are the
+# reference numbers.
 # Usage: bash benchmarks/demo.sh [OUT]   (the Makefile's `make demo` runs it inside .venv)
 set -euo pipefail
 OUT=${1:-demo}
@@ -48,4 +49,6 @@ stamp
 
 echo "== leaderboard"
 bench report --results "$RESULTS"
+page=$(bench report --results "$RESULTS" --format html -o "$OUT/report")
 echo "demo finished in $(( $(date +%s) - start )) s; results in $RESULTS"
+echo "leaderboard page (open it in a browser): $(cd "$(dirname "$page")" && pwd)/$(basename "$page")"

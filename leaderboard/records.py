@@ -326,8 +326,12 @@ def iter_records(results_dir, strict: bool = False):
 
 def load_records(results_dir, strict: bool = False) -> pd.DataFrame:
     """All records under `results_dir` as a long DataFrame: one row per (record, metric); see COLUMNS."""
-    rows = [_row(path, rec, metric, value) for path, rec in iter_records(results_dir, strict=strict)
-            for metric, value in rec["metrics"].items()]
+    return records_frame(iter_records(results_dir, strict=strict))
+
+
+def records_frame(records) -> pd.DataFrame:
+    """(path, record) pairs (as from `iter_records`) as the long DataFrame of `load_records`."""
+    rows = [_row(path, rec, metric, value) for path, rec in records for metric, value in rec["metrics"].items()]
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df["epochs"] = df["epochs"].astype("Int64")
     df["value"] = df["value"].astype(float)

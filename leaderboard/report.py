@@ -61,9 +61,22 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return grouped.agg(mean="mean", std="std", n="count").reset_index()
 
 
-def render_report(results_dir=None, fmt="markdown", references=True) -> str:
-    """The leaderboard for `results_dir` (default ./results) as markdown tables, or the long frame as csv/json."""
+def render_report(results_dir=None, fmt="markdown", references=True, out_dir=None) -> str:
+    """The leaderboard for `results_dir` (default ./results) as markdown tables, or the long frame as csv/json.
+
+    fmt "html" writes `out_dir`/index.html (leaderboard/html.py) and "png" one chart per benchmark into `out_dir`
+    (leaderboard/plots.py); both return the path(s) written, one per line.
+    """
     results_dir = Path(results_dir or DEFAULT_RESULTS)
+    if fmt in ("html", "png"):
+        if out_dir is None:
+            raise ValueError(f"--format {fmt} writes files: give the folder with -o DIR")
+        if fmt == "html":
+            from leaderboard.html import write_html
+            return str(write_html(results_dir, out_dir, references=references))
+        from leaderboard.plots import write_pngs
+        written = write_pngs(results_dir, out_dir, references=references)
+        return "\n".join(map(str, written)) or f"no charts: no records in {results_dir} and no published rows"
     measured = aggregate(load_records(results_dir))
     refs = load_references()
     refs = refs if references else refs.iloc[:0]
@@ -74,7 +87,7 @@ def render_report(results_dir=None, fmt="markdown", references=True) -> str:
         return long.to_csv(index=False)
     if fmt == "json":
         return long.to_json(orient="records", indent=2, force_ascii=False)
-    raise ValueError(f"unknown report format {fmt!r}; formats: markdown, csv, json")
+    raise ValueError(f"unknown report format {fmt!r}; formats: markdown, csv, json, html, png")
 
 
 def long_frame(measured: pd.DataFrame, refs: pd.DataFrame) -> pd.DataFrame:
@@ -133,13 +146,25 @@ def _metrics_of(present: pd.DataFrame, benchmark: str) -> list[str]:
 
 
 def _table(title: str, columns: list, measured: pd.DataFrame, refs: pd.DataFrame, daggers: dict) -> list[str]:
-    rows = _published_rows(columns, refs) + _measured_rows(columns, measured, daggers)
+    rows = table_rows(columns, measured, refs, daggers)
     if not rows:
         return []
-    marks = {r.pop("_mark", "") for r in rows} - {""}
-    table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
-    notes = [f"{mark} non-protocol: {_describe_overrides(*key)}" for key, mark in daggers.items() if mark in marks]
-    return [f"## {title}", "", table, ""] + (notes + [""] if notes else [])
+    marks = {r["_mark"] for r in rows} - {""}
+    cells = [{k: v.replace("|", "\\|") for k, v in r.items() if not k.startswith("_")} for r in rows]
+    table = pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True)
+    return [f"## {title}", "", table, ""] + (notes + [""] if (notes := footnotes(daggers, marks)) else [])
+
+
+def table_rows(columns: list, measured: pd.DataFrame, refs: pd.DataFrame, daggers: dict) -> list[dict]:
+    """One table's rows as plain-text cells keyed by header: published rows, then measured rows. Private keys:
+    `_kind` (published | measured), `_mark` (the row's dagger or ''), `_benchmarks` (those with a value),
+    `_group` (the measured row's ROW_KEYS values)."""
+    return _published_rows(columns, refs) + _measured_rows(columns, measured, daggers)
+
+
+def footnotes(daggers: dict, marks: set) -> list[str]:
+    """'†k non-protocol: overrides' for every dagger in `marks`, in numbering order."""
+    return [f"{mark} non-protocol: {_describe_overrides(*key)}" for key, mark in daggers.items() if mark in marks]
 
 
 def _published_rows(columns: list, refs: pd.DataFrame) -> list[dict]:
@@ -155,6 +180,7 @@ def _published_rows(columns: list, refs: pd.DataFrame) -> list[dict]:
         sources = dict.fromkeys(s.strip() for src in group.source for s in str(src).split(";"))
         rows.append(_row(row["method"], row["backbone"], row["epochs"], row["recipe"], DASH, "published",
                          cells, columns, "; ".join(sources)))
+        rows[-1].update(_kind="published", _mark="", _benchmarks=sorted(set(group.benchmark)))
     return rows
 
 
@@ -169,17 +195,17 @@ def _measured_rows(columns: list, measured: pd.DataFrame, daggers: dict) -> list
         cells = {header[(b, m)]: _measured_value(mean, std, n)
                  for b, m, mean, std, n in zip(group.benchmark, group.metric, group["mean"], group["std"], group.n)}
         mark = _dagger(daggers, row["overrides"], row["allow_partial_load"])
-        rows.append(_row(row["method"], _escape(row["backbone"]) + mark, row["epochs"], row["recipe"],
+        rows.append(_row(row["method"], _text(row["backbone"]) + mark, row["epochs"], row["recipe"],
                          row["engine"], row["mode"], cells, columns, f"measured, {_short_hash(row['backbone_hash'])}"))
-        rows[-1]["_mark"] = mark
+        rows[-1].update(_kind="measured", _mark=mark, _benchmarks=sorted(set(group.benchmark)), _group=row)
     return rows
 
 
 def _row(method, backbone, epochs, recipe, engine, mode, cells: dict, columns: list, source: str) -> dict:
-    row = {"method": _escape(method), "backbone": backbone, "epochs": _epochs(epochs), "recipe": _escape(recipe),
-           "engine": _escape(engine), "mode": _escape(mode)}
+    row = {"method": _text(method), "backbone": backbone, "epochs": _epochs(epochs), "recipe": _text(recipe),
+           "engine": _text(engine), "mode": _text(mode)}
     row.update({h: cells.get(h, DASH) for _, _, h in columns})
-    row["source"] = _escape(source)
+    row["source"] = _text(source)
     return row
 
 
@@ -216,5 +242,5 @@ def _short_hash(h: str) -> str:
     return f"{algo}:{digest[:8]}" if digest else str(h)[:12]
 
 
-def _escape(text) -> str:
-    return DASH if text is None or (not isinstance(text, str) and pd.isna(text)) else str(text).replace("|", "\\|")
+def _text(text) -> str:
+    return DASH if text is None or (not isinstance(text, str) and pd.isna(text)) else str(text)

@@ -598,6 +598,18 @@ def show_masks(checkpoint: str | Path, output_png: str | Path, images: torch.Ten
     return output_png
 
 
+@torch.no_grad()
+def pictures(model: nn.Module, cfg: dict, num_images: int = 6) -> dict:
+    """End-of-run pictures for `bench report` (pretrain/common.py saves them to OUTPUT_DIR/pictures/): the masks
+    the occluder draws on a few pretraining images (the --show-masks figure)."""
+    was_training = model.training
+    model.eval()
+    images = sample_images(cfg, num_images)
+    masks = model.occluder(model.prepare(images.to(model.mean.device)))
+    model.train(was_training)
+    return {"masks": mask_grid(images, masks)}
+
+
 def sample_images(cfg: dict, num_images: int) -> torch.Tensor:
     """Images spread over the run's pretraining data (common.image_files), resized to img_size, in [0, 1]."""
     import torchvision.transforms.v2.functional as TF

@@ -40,6 +40,8 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
+from leaderboard.runs import save_pictures
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -608,6 +610,8 @@ def train(cfg: dict, log=print) -> Path:
     if rank == 0:
         export_backbone(model, cfg, module, artifact, step, data_desc)
         log(f"backbone artifact -> {artifact}")
+        if hasattr(module, "pictures"):  # e.g. ADIOS masks, ConvMAE reconstructions, for `bench report`
+            save_pictures(out / "pictures", module.pictures(unwrap(model), cfg))
         if evaluations:
             log(f"{len(evaluations)} checkpoint evaluations scheduled; `bench status --out "
                 f"{cfg['eval_out'] or out / 'evals'}` follows them")

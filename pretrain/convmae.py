@@ -189,5 +189,32 @@ class ConvMAEPretraining(nn.Module):
         return loss, {"masked": mask.mean().detach()}
 
 
+@torch.no_grad()
+def pictures(model: ConvMAEPretraining, cfg: dict, num_images: int = 6) -> dict:
+    """End-of-run pictures for `bench report` (pretrain/common.py saves them to OUTPUT_DIR/pictures/): rows of
+    images, their visible patches, the reconstruction, and the reconstruction with the visible patches pasted
+    (MAE's visualisation; with norm_pix_loss each predicted patch takes the true patch's mean and std)."""
+    from torchvision.transforms.v2.functional import to_pil_image
+    from torchvision.utils import make_grid
+
+    from pretrain.adios import sample_images
+
+    was_training = model.training
+    model.eval()
+    x = sample_images(cfg, num_images).to(model.mean.device)
+    images = (x * 255 - model.mean) / model.std
+    _, pred, mask = model.model(images)
+    model.train(was_training)
+    target = patchify(images)
+    if model.model.norm_pix_loss:
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    size = images.shape[-2:]
+    hidden = unpatchify(mask.unsqueeze(-1).expand_as(target), size)
+    recon = unpatchify(pred.float(), size)
+    to_unit = lambda t: ((t * model.std + model.mean) / 255).clamp(0, 1)  # noqa: E731
+    rows = [x, x * (1 - hidden), to_unit(recon), to_unit(recon * hidden + images * (1 - hidden))]
+    return {"reconstructions": to_pil_image(make_grid(torch.cat(rows).cpu(), nrow=len(x), padding=2, pad_value=1))}
+
+
 def build_model(cfg: dict) -> ConvMAEPretraining:
     return ConvMAEPretraining(cfg)

@@ -348,3 +348,7 @@ def test_common_train_exports_the_online_encoder_and_show_masks_saves_a_png(tmp_
     png = show_masks(tmp_path / "run" / "checkpoint.pth", tmp_path / "masks.png", num_images=4)
     img = Image.open(png)
     assert img.size == (2 * (2 + (N + 2) * (IMG + 2)), 2 * (2 + 4 * (IMG + 2)))  # 4 rows: image, N masks, partition
+    full = Image.new("RGB", (2 * (2 + (N + 2) * (IMG + 2)), 2 * (2 + 6 * (IMG + 2))))  # 6 images
+    full.thumbnail((384, 384))  # what leaderboard.runs.save_pictures keeps
+    with Image.open(tmp_path / "run" / "pictures" / "masks.png") as end_of_run:  # saved by common.train
+        assert end_of_run.size == full.size

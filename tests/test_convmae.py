@@ -1,8 +1,10 @@
 """ConvMAE: no leakage through the fused encoder, loss over masked patches only, exact patchify inverse."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pretrain.convmae import ConvMAE, patchify, random_masking, unpatchify
 from transfer.convvit import build_convvit
@@ -118,6 +120,37 @@ def test_pretrain_run_exports_an_encoder_the_audit_accepts(tmp_path):
     assert report.ok and backbone.arch == "convvit_tiny" and backbone.artifact_meta["arch_kwargs"] == {"img_size": 32}
     assert backbone.artifact_meta["provenance"]["method"] == "convmae"
     assert not any(k.startswith(("decoder", "stage1_output", "mask_token")) for k in backbone.trunk.state_dict())
+    with Image.open(tmp_path / "run" / "pictures" / "reconstructions.png") as im:  # saved by common.train
+        assert im.size == (2 + 6 * 34, 2 + 4 * 34)  # 6 images x (image, visible patches, recon, recon + visible)
+
+
+def test_reconstruction_picture_keeps_visible_patches_and_draws_the_prediction_in_masked_ones(tmp_path):
+    from pretrain.common import load_config
+    from pretrain.convmae import build_model, pictures
+
+    cfg = load_config("convmae", None, [f"data={_tiny_images(tmp_path / 'imgs', n=6)}", "img_size=32",
+                                        "decoder_depth=1"])
+    model = build_model(cfg)
+    torch.manual_seed(0)
+    grid = torch.from_numpy(np.array(pictures(model, cfg)["reconstructions"])).float() / 255
+    side = cfg["img_size"]
+    rows = [grid[2 + r * (side + 2):2 + r * (side + 2) + side, 2:2 + side] for r in range(4)]  # first column
+    image, visible, recon, pasted = rows
+    shown = visible.sum(-1) > 0  # visible patches keep the image, hidden ones are black
+    assert shown.any() and not shown.all()
+    assert (pasted - image)[shown].abs().max() <= 1 / 255 + 1e-6  # the visible patches pasted back
+    assert torch.equal(pasted[~shown], recon[~shown])  # the prediction where patches were hidden
+
+    def perfect(images):  # predicts every patch's standardised pixels (the norm_pix_loss target) exactly
+        target = patchify(images)
+        standardised = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        return None, standardised, random_masking(images.shape[0], target.shape[1], 0.75, images.device)[1]
+
+    assert model.model.norm_pix_loss
+    model.model.forward = perfect
+    grid = torch.from_numpy(np.array(pictures(model, cfg)["reconstructions"])).float() / 255
+    image, recon = grid[2:2 + side, 2:2 + side], grid[2 + 2 * (side + 2):2 + 2 * (side + 2) + side, 2:2 + side]
+    assert (recon - image).abs().max() <= 2 / 255  # patch mean and std restored: the image comes back
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(tmp_path):

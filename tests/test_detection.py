@@ -198,6 +198,10 @@ def test_bench_run_end_to_end(benchmark, metrics, mini_root, slim_r50, tmp_path,
     assert record["engine"] == "torchvision" and record["config"]["engine"]["name"] == "torchvision"
     assert record["overrides"]["max_iter"] == 3 and record["protocol"] is False
     assert record["extra"]["iterations"] == 3 and record["config"]["engine"]["resolved"]["max_iter"] == 3
+    pictures = sorted((tmp_path / record["extra"]["pictures"]).glob("val-*.png"))  # a few val predictions
+    assert len(pictures) == 4 and all(p.stat().st_size < 100_000 for p in pictures)
+    curve = record["extra"]["curve"]  # drawn by `bench report --format html`
+    assert curve["step"] == [1, 2, 3] and set(curve) == {"step", "loss", "lr"} and curve["lr"][0] < curve["lr"][-1]
 
 
 def test_vit_backbone_is_refused(mini_root, tmp_path):

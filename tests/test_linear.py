@@ -152,6 +152,8 @@ def test_protocol_mode_end_to_end(mini_root, random_backbone, tmp_path):
     assert rec["mode"] == "protocol" and 0 <= rec["metrics"]["top1"] <= 100
     assert rec["config"]["recipe"]["milestones"] == [1, 1, 2]  # 24/48/72 of 84, scaled to 2 epochs
     assert rec["extra"]["steps"] > 0
+    curve = rec["extra"]["curve"]  # drawn by `bench report --format html`
+    assert curve["step"] == list(range(1, rec["extra"]["steps"] + 1)) and curve["loss"][-1] == rec["extra"]["final_loss"]
 
 
 def test_vit_backbone_uses_cls_token_and_bn_without_affine(mini_root, tmp_path):

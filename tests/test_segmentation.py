@@ -181,7 +181,7 @@ def test_recipe_for_another_family_is_refused(artifacts):
 
 # ----------------------------------------------------------------------------------------------- end to end
 def test_resnet_end_to_end_record(resnet_run):
-    record, _ = resnet_run
+    record, out = resnet_run
     assert record["engine"] == "mmseg" and record["task"] == "segmentation" and record["recipe"] == "r50"
     assert set(record["metrics"]) == {"mIoU", "mAcc", "aAcc"}
     assert all(0.0 <= v <= 100.0 for v in record["metrics"].values())
@@ -191,6 +191,24 @@ def test_resnet_end_to_end_record(resnet_run):
     # the dumped mmengine config matches the resolved (overridden) recipe key by key
     assert_config_matches(record["config"]["engine"]["config"], record["config"]["recipe"])
     assert record["config"]["engine"]["config"]["model"]["backbone"]["type"] == "BenchResNet"
+
+
+
+def test_prediction_pictures_show_image_prediction_and_truth(resnet_run, ade_root):
+    from mmseg.datasets import ADE20KDataset
+
+    record, out = resnet_run
+    pictures = sorted((out / record["extra"]["pictures"]).glob("val-*.png"))
+    assert len(pictures) == 4
+    palette = np.array(ADE20KDataset.METAINFO["palette"] + [[0, 0, 0]] * 106, np.uint8)
+    ann_dir = Path(ade_root) / "ADEChallengeData2016" / "annotations" / "validation"
+    for picture in pictures:
+        gt = np.asarray(Image.open(ann_dir / (picture.stem[len("val-"):] + ".png"))).astype(np.int64)
+        h, w = gt.shape
+        shown = np.asarray(Image.open(picture).convert("RGB"))
+        assert shown.shape == (h, 3 * w, 3)  # image | prediction | truth
+        assert np.array_equal(shown[:, 2 * w:], palette[np.where(gt == 0, 255, gt - 1)])  # reduce_zero_label
+        assert set(map(tuple, shown[:, w:2 * w].reshape(-1, 3))) <= set(map(tuple, palette[:150]))  # class colours
 
 
 def plain_equal(a, b) -> bool:

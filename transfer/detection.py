@@ -48,6 +48,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 
+from leaderboard.runs import detection_pictures, save_run_pictures, training_curve
 from transfer import det_eval
 from transfer.artifact import Backbone, BackboneArtifact, Preprocessing, build_backbone, trunk_state_dict
 
@@ -483,7 +484,7 @@ def train(model, batches, cfg: dict, device, log=print) -> dict:
     optimizer = torch.optim.SGD(param_groups(model, cfg["weight_decay"], cfg["weight_decay_norm"]),
                                 lr=cfg["base_lr"], momentum=cfg["momentum"])
     model.train()
-    history, t0 = [], time.perf_counter()
+    history, curve, t0 = [], [], time.perf_counter()
     period = max(1, min(20, cfg["max_iter"] // 10))
     for it in range(cfg["max_iter"]):
         for group in optimizer.param_groups:
@@ -498,6 +499,7 @@ def train(model, batches, cfg: dict, device, log=print) -> dict:
         loss.backward()
         optimizer.step()
         history.append({k: float(v.detach()) for k, v in losses.items()})
+        curve.append({"step": it + 1, "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"]})
         if (it + 1) % period == 0 or it + 1 == cfg["max_iter"]:
             recent = history[-period:]
             mean = {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]}
@@ -506,7 +508,7 @@ def train(model, batches, cfg: dict, device, log=print) -> dict:
                 + f" lr {optimizer.param_groups[0]['lr']:.4g} {(time.perf_counter() - t0) / (it + 1):.2f}s/it")
     last = history[-max(1, min(20, len(history))):]
     return {"iterations": len(history), "final_losses": {k: sum(h[k] for h in last) / len(last) for k in last[0]},
-            "s_per_iter": (time.perf_counter() - t0) / max(1, len(history))}
+            "s_per_iter": (time.perf_counter() - t0) / max(1, len(history)), "curve": training_curve(curve)}
 
 
 @torch.no_grad()
@@ -696,6 +698,9 @@ def _worker(spec, backbone, cfg: dict, seed: int, device, opts):
         dist.broadcast_object_list(box, src=0)
         metrics, extra = box
     t_eval = time.perf_counter() - t0 - t_data - t_train - t_bn
+    if rank == 0:  # a few val images with their best detections, drawn by `bench report --format html`
+        extra["pictures"] = save_run_pictures(opts.out, f"{spec.name}__{backbone.artifact_meta['weights_hash'][7:19]}"
+                                              f"__s{seed}", detection_pictures(test.records, preds, class_names))
     engine_cfg = {"name": "torchvision", "model": ("Mask" if cfg["mask_on"] else "Faster") + " R-CNN C4",
                   "backbone": backbone.arch, "world_size": world, "ims_per_device": cfg["ims_per_batch"] // world,
                   "norm": ("SyncBatchNorm" if world > 1 and device.type == "cuda" and cfg["norm"] != "BN"

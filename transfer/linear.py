@@ -30,6 +30,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from benchmarks.datasets import ClassificationSplit, open_image
+from leaderboard.runs import training_curve
 from transfer.artifact import Backbone
 
 FEATURE_CACHE_VERSION = "features/1"
@@ -282,6 +283,11 @@ def feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, 
 
 
 # ----------------------------------------------------------------------------------------------- runs
+def loss_curve(losses: list[float]) -> dict:
+    """The per-step training loss (mean over heads) as the record's `extra.curve` (leaderboard/runs.py)."""
+    return training_curve([{"step": i + 1, "loss": v} for i, v in enumerate(losses)])
+
+
 def scaled_lr(cfg: dict) -> float:
     return cfg["lr"] * cfg["batch_size"] / cfg["lr_batch"]
 
@@ -326,7 +332,8 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
                                              cfg["crop_size"]), device, cfg["batch_size"], workers, "val features")
     top1, top5, _ = evaluate_heads(heads, val_feats, val_labels, device)
     return {"metrics": {"top1": top1[0], "top5": top5[0]},
-            "extra": {"lr": lr, "final_loss": losses[-1], "steps": len(losses), "world_size": world},
+            "extra": {"lr": lr, "final_loss": losses[-1], "steps": len(losses), "world_size": world,
+                      "curve": loss_curve(losses)},
             "timings": {"train_s": t_train, "eval_s": time.perf_counter() - t0 - t_train}}
 
 
@@ -371,6 +378,6 @@ def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, c
                                        "heldout_loss_by_lr": dict(zip(map(str, lrs), hold_loss))},
                       "feature_cache": {"dir": str(cache_dir), "hits": sum(hits) + hit_h + hit_v,
                                         "lookups": len(hits) + 2},
-                      "final_loss": losses[-1], "steps": len(losses)},
+                      "final_loss": losses[-1], "steps": len(losses), "curve": loss_curve(losses)},
             "timings": {"features_s": t_feat, "train_s": t_train,
                         "eval_s": time.perf_counter() - t0 - t_feat - t_train}}

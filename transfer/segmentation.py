@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from leaderboard.runs import save_run_pictures
 from transfer import mmcv_compat
 
 mmcv_compat.install()  # before any mmseg import: pure-PyTorch point_sample / sigmoid_focal_loss without mmcv._ext
@@ -573,6 +574,7 @@ def run_segmentation(spec, backbone, cfg: dict, mode: str, seed: int, device, op
         t1 = time.perf_counter()
         metrics = runner.test()
         test_s = time.perf_counter() - t1
+        pictures = prediction_pictures(runner) if rank == 0 else {}
     wanted = tuple(spec.metrics)
     missing = [m for m in wanted if m not in metrics]
     if missing:
@@ -583,6 +585,8 @@ def run_segmentation(spec, backbone, cfg: dict, mode: str, seed: int, device, op
                         "resumed": bool(resume), "iterations": runner.iter,
                         "train_images": len(runner.train_dataloader.dataset),
                         "val_images": len(runner.test_dataloader.dataset)}}
+    if pictures:  # a few val images beside their predicted and true label maps, drawn by `bench report`
+        result["extra"]["pictures"] = save_run_pictures(opts.out, work_dir.name, pictures)
     engine_cfg = {"name": ENGINE, "model": "UperNet (mmseg EncoderDecoder + UPerHead + FCNHead aux)",
                   "backbone_module": config["model"]["backbone"]["type"],
                   "amp": config["optim_wrapper"]["type"] == "AmpOptimWrapper",
@@ -597,3 +601,25 @@ def _versions() -> dict:
     import mmseg
 
     return {"mmseg": mmseg.__version__, "mmengine": mmengine.__version__, "mmcv": mmcv.__version__}
+
+
+@torch.no_grad()
+def prediction_pictures(runner, count: int = 4) -> dict:
+    """The first `count` val images, each beside its predicted and its true label map (ADE20K palette; ignored
+    pixels black), as PIL images for `leaderboard.runs.save_pictures`."""
+    import numpy as np
+    from mmengine.dataset import pseudo_collate
+    from PIL import Image
+
+    dataset = runner.test_dataloader.dataset
+    palette = np.array(dataset.metainfo["palette"] + [[0, 0, 0]] * (256 - len(dataset.metainfo["palette"])), np.uint8)
+    runner.model.eval()
+    pictures = {}
+    for i in range(min(count, len(dataset))):
+        (sample,) = runner.model.test_step(pseudo_collate([dataset[i]]))
+        with Image.open(sample.img_path) as im:
+            image = np.asarray(im.convert("RGB"))
+        pred = palette[sample.pred_sem_seg.data[0].cpu().numpy()]
+        true = palette[sample.gt_sem_seg.data[0].cpu().numpy()]
+        pictures[f"val-{Path(sample.img_path).stem}"] = Image.fromarray(np.concatenate([image, pred, true], axis=1))
+    return pictures
