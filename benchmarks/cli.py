@@ -9,6 +9,43 @@ from pathlib import Path
 from benchmarks.spec import CACHE_ROOT
 
 
+# ----------------------------------------------------------------------------------------------- argument types
+def _number(kind, low: float, inclusive: bool = True):
+    """An argparse type: `kind` (int/float) >= low (or > low); argparse turns the ValueError into exit 2."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not (value >= low if inclusive else value > low) or value != value:
+            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int, non_negative_int = _number(int, 1), _number(int, 0)
+positive_float = _number(float, 0, inclusive=False)
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:N; cuda only where CUDA is available (checked before any work)."""
+    import re
+
+    if text in ("auto", "cpu"):
+        return text
+    if not re.fullmatch(r"cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: one of auto, cpu, cuda, cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use --device cpu or auto")
+    index = int(text.split(":")[1]) if ":" in text else 0
+    if index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def cmd_list(args) -> None:
     from benchmarks.spec import load_specs
 
@@ -67,6 +104,9 @@ def cmd_sweep(args) -> None:
 def cmd_status(args) -> None:
     from benchmarks.sweep import status
 
+    grid = Path(args.out) / ".sweep" / "grid.json"
+    if not grid.is_file():
+        sys.exit(f"bench status: {args.out} holds no sweep (no {grid}); pass the --out of a `bench sweep`")
     rows = status(args.out)
     for cell, state, detail in rows:
         print(f"{state:<8} {cell}  {detail}")
@@ -77,21 +117,36 @@ def cmd_status(args) -> None:
 def cmd_report(args) -> None:
     from leaderboard.report import render_report
 
+    if not Path(args.results).is_dir():
+        sys.exit(f"bench report: no results folder {args.results}; pass the --out of `bench run` / `bench sweep`")
     print(render_report(args.results, fmt=args.format, references=not args.no_references))
 
 
 def cmd_data_mini(args) -> None:
     from benchmarks.minidata import make_mini
 
+    check_mini_root(Path(args.root), args.force)
     summary = make_mini(args.root, seed=args.seed, scale=args.scale, image_size=args.image_size)
     for dataset, splits in summary.items():
         print(f"{dataset:<10} " + "  ".join(f"{s}={n}" for s, n in splits.items()))
     print(f"miniature datasets written under {Path(args.root).resolve()}")
 
 
-def cmd_backbone_random(args) -> None:
-    from transfer.artifact import random_artifact, save_artifact
+def check_mini_root(root: Path, force: bool) -> None:
+    """`bench data mini` writes only into an empty folder or one it wrote itself (its marker), unless --force."""
+    if force or not root.exists() or (root / ".bench-mini.json").is_file():
+        return
+    if not root.is_dir():
+        sys.exit(f"bench data: error: --root {root} is a file, not a folder")
+    if any(root.iterdir()):
+        sys.exit(f"bench data: error: --root {root} is not empty and was not written by `bench data mini` (no "
+                 ".bench-mini.json); its files could be overwritten. Choose an empty folder, or add --force")
 
+
+def cmd_backbone_random(args) -> None:
+    from transfer.artifact import check_arch, random_artifact, save_artifact
+
+    check_arch(args.arch)
     kwargs = {"width": args.width} if args.width else {}
     art = random_artifact(args.arch, seed=args.seed, **kwargs)
     print(f"{save_artifact(args.output, art)}: random-init {args.arch} {kwargs or ''} {art.hash}")
@@ -146,49 +201,49 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", choices=["cached", "protocol"], help="linear probes: cached (default) or protocol")
     r.add_argument("--no-resume", dest="resume", action="store_false",
                    help="segmentation: start over instead of resuming from the work dir's last checkpoint")
-    r.add_argument("--trials", type=int, help="number of trials (seeds seed..seed+N-1)")
-    r.add_argument("--first-trial", type=int, default=0, help="index of the first trial (seed = seed + index)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--trials", type=positive_int, help="number of trials (seeds seed..seed+N-1)")
+    r.add_argument("--first-trial", type=non_negative_int, default=0, help="index of the first trial (seed = seed + index)")
+    r.add_argument("--seed", type=non_negative_int, default=0)
     r.add_argument("--out", default="results", help="results folder (default ./results)")
     r.add_argument("--budget", help="non-protocol preset for CPU/miniature runs, e.g. tiny (recorded)")
-    r.add_argument("--epochs", type=int, help="override the recipe's epochs (recorded as non-protocol)")
-    r.add_argument("--max-iter", type=int,
+    r.add_argument("--epochs", type=positive_int, help="override the recipe's epochs (recorded as non-protocol)")
+    r.add_argument("--max-iter", type=positive_int,
                    help="detection/segmentation: override the training iterations (steps and warm-up scale with it; "
                         "non-protocol)")
-    r.add_argument("--batch-size", type=int, help="override the global batch size: the recipe's linear-scaling rule scales the LR and, for "
+    r.add_argument("--batch-size", type=positive_int, help="override the global batch size: the recipe's linear-scaling rule scales the LR and, for "
                         "iteration schedules, iterations / steps / warm-up inversely (recorded, non-protocol)")
-    r.add_argument("--crop-size", type=int, help="override the crop size (recorded)")
-    r.add_argument("--resize-size", type=int, help="override the test resize (recorded)")
-    r.add_argument("--lr", type=float, help="override the LR (linear probes: at the recipe's lr_batch; recorded, non-protocol)")
+    r.add_argument("--crop-size", type=positive_int, help="override the crop size (recorded)")
+    r.add_argument("--resize-size", type=positive_int, help="override the test resize (recorded)")
+    r.add_argument("--lr", type=positive_float, help="override the LR (linear probes: at the recipe's lr_batch; recorded, non-protocol)")
     add_layout_options(r)
     r.add_argument("--method", help="method label for the leaderboard (default: from the artifact)")
     r.add_argument("--name", help="backbone name for the leaderboard (default: file name)")
     r.add_argument("--allow-partial-load", action="store_true",
                    help="accept a checkpoint that leaves trunk weights uninitialised (recorded, non-protocol)")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    r.add_argument("--gpus", type=int, default=1,
+    r.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda, cuda:1 ...")
+    r.add_argument("--gpus", type=positive_int, default=1,
                    help="processes (one per GPU): torchrun for linear probes and mmseg, the detection engine's own "
                         "launcher for detection; on a CPU-only machine N gloo processes. The global batch is kept (batch / N per GPU); "
                         "where memory forbids it, add --batch-size (linear-scaling rule)")
-    r.add_argument("--workers", type=int, help="data-loading workers (default min(4, cores))")
+    r.add_argument("--workers", type=non_negative_int, help="data-loading workers (default min(4, cores))")
     r.add_argument("--cache-dir", default=str(CACHE_ROOT / "features"), help="feature cache for --mode cached")
     r.set_defaults(fn=cmd_run)
 
     sw = sub.add_parser("sweep", help="run backbones x benchmarks x trials; skips cells whose records exist")
     sw.add_argument("--backbones", nargs="+", required=True)
     sw.add_argument("--benchmarks", nargs="+", required=True)
-    sw.add_argument("--trials", type=int, default=1)
+    sw.add_argument("--trials", type=positive_int, default=1)
     sw.add_argument("--data-root", required=True)
     sw.add_argument("--out", default="results")
     sw.add_argument("--recipe")
     sw.add_argument("--mode", choices=["cached", "protocol"])
     sw.add_argument("--budget")
-    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--seed", type=non_negative_int, default=0)
     sw.add_argument("--launcher", choices=["local", "slurm"], default="local",
                     help="local: one cell after another here; slurm: one submitit job array")
     sw.add_argument("--partition", help="SLURM partition")
-    sw.add_argument("--time", type=int, default=240, help="SLURM time limit per cell, minutes")
-    sw.add_argument("--gpus", type=int, default=1, help="GPUs per cell")
+    sw.add_argument("--time", type=positive_int, default=240, help="SLURM time limit per cell, minutes")
+    sw.add_argument("--gpus", type=positive_int, default=1, help="GPUs per cell")
     sw.add_argument("--constraint", help="SLURM constraint")
     sw.add_argument("--cluster", help="submitit cluster override: slurm, local or debug")
     sw.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: extra `bench run` arguments")
@@ -207,17 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_verb", required=True)
     mini = data.add_parser("mini", help="write the miniature datasets in the real layouts (deterministic)")
     mini.add_argument("--root", required=True)
-    mini.add_argument("--seed", type=int, default=0)
-    mini.add_argument("--scale", type=float, default=1.0, help="multiply the number of images per set")
-    mini.add_argument("--image-size", type=int, default=96, help="base image size in pixels")
+    mini.add_argument("--seed", type=non_negative_int, default=0)
+    mini.add_argument("--scale", type=positive_float, default=1.0, help="multiply the number of images per set")
+    mini.add_argument("--image-size", type=_number(int, 16), default=96, help="base image size in pixels")
+    mini.add_argument("--force", action="store_true",
+                      help="write into a non-empty --root that `bench data mini` did not create (files may be replaced)")
     mini.set_defaults(fn=cmd_data_mini)
 
     bb = sub.add_parser("backbone", help="backbone artifacts").add_subparsers(dest="backbone_verb", required=True)
     rnd = bb.add_parser("random", help="write a random-init artifact (the random-init reference row)")
     rnd.add_argument("--arch", required=True,
                      help="resnet18/34/50/101/152, vit_{tiny,small,base,large}_patch16, convvit_{tiny,base}")
-    rnd.add_argument("--width", type=int, help="ResNet stem width (64 = standard; smaller = slim CPU variant)")
-    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--width", type=positive_int, help="ResNet stem width (64 = standard; smaller = slim CPU variant)")
+    rnd.add_argument("--seed", type=non_negative_int, default=0)
     rnd.add_argument("-o", "--output", required=True)
     rnd.set_defaults(fn=cmd_backbone_random)
 
@@ -246,11 +303,14 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except (ArtifactError, SpecError, FloatingPointError) as e:
         sys.exit(f"bench {args.verb}: error: {e}")
+    except OSError as e:  # disk full, permissions, a vanished file: the writers remove their own temp files
+        sys.exit(f"bench {args.verb}: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; "
+                 "free space or fix permissions and rerun (finished results are kept, unfinished ones redone)")
     except Exception as e:
-        from benchmarks.datasets import LayoutError
+        from benchmarks.datasets import LayoutError, error_text
 
         if isinstance(e, LayoutError):
-            sys.exit(f"bench {args.verb}: error: {e}")
+            sys.exit(f"bench {args.verb}: error: {error_text(e)}")
         raise
 
 

@@ -116,11 +116,20 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
                             timings=timings, extra=result.get("extra"))
         if rank > 0:
             continue
+        check_finite_metrics(result["metrics"], spec.name, trial)
         path = write_record(opts.out, record)
         written.append(path)
         shown = "  ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items())
         log(f"[{spec.name} {cfg['name']} {mode} trial {trial}] {shown}  ({timings['total_s']:.1f}s) -> {path}")
     return written
+
+
+def check_finite_metrics(metrics: dict, benchmark: str, trial: int) -> None:
+    """A NaN/inf metric (a diverged engine) never becomes a record."""
+    bad = {k: v for k, v in metrics.items() if not (isinstance(v, (int, float)) and abs(v) < float("inf"))}
+    if bad:
+        raise FloatingPointError(f"{benchmark} trial {trial}: non-finite metrics {bad}; no record written. Lower the "
+                                 "LR (--lr) or check the backbone")
 
 
 def run_linear(spec: BenchmarkSpec, backbone, cfg: dict, mode: str, seed: int, device, opts: RunOptions):

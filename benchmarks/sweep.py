@@ -58,6 +58,21 @@ def expand(cfg: SweepConfig) -> list[Cell]:
     return cells
 
 
+def check_sweep(cfg: SweepConfig) -> None:
+    """Validate every benchmark, recipe, budget and pass-through override before anything is saved (a grid with
+    a misspelled benchmark would break `bench status` for the whole folder); raises SpecError."""
+    from benchmarks.spec import SpecError
+
+    if cfg.trials < 1:
+        raise SpecError(f"--trials {cfg.trials}: at least 1")
+    for name in cfg.benchmarks:
+        spec = get_spec(name)
+        resolve(spec, cfg.recipe, cfg.budget, _overrides(cfg.run_args))
+    for backbone in cfg.backbones:
+        if not Path(backbone).is_file():
+            raise SpecError(f"--backbones {backbone}: no such file")
+
+
 def is_done(cell: Cell, cfg: SweepConfig) -> bool:
     spec = get_spec(cell.benchmark)
     recipe, overrides = resolve(spec, cfg.recipe, cfg.budget, _overrides(cfg.run_args))
@@ -135,6 +150,7 @@ def save_grid(cfg: SweepConfig, cells: list[Cell]) -> None:
 
 def sweep(cfg: SweepConfig, launcher: str = "local", slurm: dict | None = None, log=print) -> dict:
     """Run (local) or submit (slurm) every cell that has no record yet. Returns counts per outcome."""
+    check_sweep(cfg)
     cells = expand(cfg)
     save_grid(cfg, cells)
     running = [c for c in cells if _running(cfg.out, c)]

@@ -374,6 +374,14 @@ def _infer_convvit(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------- audit
+def lossy_dtype(ckpt_tensor: torch.Tensor, model_tensor: torch.Tensor) -> bool:
+    """A checkpoint tensor that cannot be copied into the model's without losing values: integer or bool weights
+    for floating parameters (a quantised or corrupted export), complex into real."""
+    if model_tensor.is_floating_point():
+        return not ckpt_tensor.is_floating_point()
+    return ckpt_tensor.is_floating_point() or ckpt_tensor.is_complex()
+
+
 def audit(model_state: dict[str, torch.Tensor], ckpt_state: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Per-module matched / missing / unexpected / shape-mismatched keys (BN step counters are optional)."""
     modules = OrderedDict()
@@ -391,6 +399,8 @@ def audit(model_state: dict[str, torch.Tensor], ckpt_state: dict[str, torch.Tens
         elif tuple(ckpt_state[key].shape) != tuple(value.shape):
             bucket(key)["shape_mismatch"].append(
                 f"{key} {tuple(ckpt_state[key].shape)} vs {tuple(value.shape)}")
+        elif lossy_dtype(ckpt_state[key], value):  # counted with the shape mismatches: the load is refused
+            bucket(key)["shape_mismatch"].append(f"{key} dtype {ckpt_state[key].dtype} vs {value.dtype} (values lost)")
         else:
             bucket(key)["matched"].append(key)
     for key in ckpt_state:
