@@ -101,6 +101,7 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
         seed = opts.seed + trial
         t0 = time.perf_counter()
         result, engine_cfg = engine(spec, backbone, cfg, mode, seed, device, opts)
+        check_finite_metrics(result["metrics"], spec.name, trial)
         timings = {**result.get("timings", {}), "total_s": time.perf_counter() - t0}
         config = {"benchmark": spec.name, "task": spec.task, "dataset": spec.dataset, "recipe": cfg,
                   "mode": mode, "engine": engine_cfg, "data_root": str(Path(opts.data_root).resolve()),
@@ -116,7 +117,6 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
                             timings=timings, extra=result.get("extra"))
         if rank > 0:
             continue
-        check_finite_metrics(result["metrics"], spec.name, trial)
         path = write_record(opts.out, record)
         written.append(path)
         shown = "  ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items())

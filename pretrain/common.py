@@ -94,9 +94,26 @@ def load_config(method: str, config: str | None = None, overrides: list[str] = (
             cfg[key] = value
     if cfg["method"] not in (None, method):
         raise SystemExit(f"{path} is a {cfg['method']} config, not {method}")
+    check_values(cfg, path)
     cfg["method"], cfg["config_name"] = method, path.stem
     cfg["output_dir"] = cfg["output_dir"] or str(Path("runs") / "pretrain" / path.stem)
     return cfg
+
+
+POSITIVE_KEYS = ("epochs", "batch_size", "lr_batch", "img_size", "ckpt_every", "log_every", "width")
+
+
+def check_values(cfg: dict, path: Path) -> None:
+    """Counts and sizes are positive numbers, the LR a non-negative one (e.g. `epochs=0`, `lr=-1` refused)."""
+    for key in POSITIVE_KEYS:
+        if key in cfg and not (isinstance(cfg[key], int) and not isinstance(cfg[key], bool) and cfg[key] > 0):
+            raise SystemExit(f"{key}={cfg[key]!r} ({path} or override): must be a positive integer")
+    if not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] >= 0 and math.isfinite(cfg["lr"])):
+        raise SystemExit(f"lr={cfg['lr']!r} ({path} or override): must be a number >= 0")
+    if not (isinstance(cfg["workers"], int) and cfg["workers"] >= 0):
+        raise SystemExit(f"workers={cfg['workers']!r} ({path} or override): must be an integer >= 0")
+    if cfg["max_steps"] is not None and not (isinstance(cfg["max_steps"], int) and cfg["max_steps"] > 0):
+        raise SystemExit(f"max_steps={cfg['max_steps']!r}: must be a positive integer or null")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         train(load_config(args.method, args.config, overrides))
     except LayoutError as e:  # e.g. a corrupt image, re-raised from a data-loader worker
         raise SystemExit(f"pretrain/run.py: error: {error_text(e)}") from None
+    except OSError as e:  # disk full: save_checkpoint removes its temp file, the last checkpoint is kept
+        raise SystemExit(f"pretrain/run.py: error: {e.filename or ''} {e.strerror or e}; free space and continue "
+                         "with --resume") from None
 
 
 if __name__ == "__main__":

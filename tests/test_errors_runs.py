@@ -107,3 +107,82 @@ def test_yaml_1_1_exponents_are_numbers():
     cfg = common.load_config("mscn", None, ["lr=1e-3", "weight_decay=5e-4", "arch=resnet18"])
     assert cfg["lr"] == 1e-3 and isinstance(cfg["lr"], float) and cfg["weight_decay"] == 5e-4
     assert cfg["arch"] == "resnet18"
+
+
+# ----------------------------------------------------------------------------------------------- engines
+def test_moved_or_copied_segmentation_work_dir_resumes_its_own_checkpoint(tmp_path):
+    from transfer.segmentation import SegmentationError, resume_checkpoint
+
+    old, new = tmp_path / "old" / "work", tmp_path / "new" / "work"
+    for work in (old, new):  # a copy: the original folder still exists
+        work.mkdir(parents=True)
+        torch.save({"meta": {"iter": 3}, "where": str(work)}, work / "iter_3.pth")
+        (work / "last_checkpoint").write_text(str(old / "iter_3.pth"))  # mmengine writes an absolute path
+    assert resume_checkpoint(new) == new / "iter_3.pth"  # never the other folder's checkpoint
+    (new / "last_checkpoint").write_text(str(old / "iter_9.pth"))
+    with pytest.raises(SegmentationError, match=r"names .*iter_9.pth, which is not in this work dir; .*--no-resume"):
+        resume_checkpoint(new)
+    (new / "last_checkpoint").write_text(str(old / "iter_3.pth"))
+    (new / "iter_3.pth").write_bytes((old / "iter_3.pth").read_bytes()[:200])
+    before = hashes(new)
+    with pytest.raises(SegmentationError, match=r"iter_3.pth: truncated or unreadable checkpoint"):
+        resume_checkpoint(new)
+    assert hashes(new) == before
+
+
+def test_diverged_engines_write_no_record():
+    from benchmarks.runner import check_finite_metrics
+    from transfer.segmentation import SegmentationError, check_finite_model
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    check_finite_model(model, Path("w"))
+    model[0].weight.data[0, 0] = float("nan")
+    with pytest.raises(SegmentationError, match=r"training diverged: 1 tensors hold NaN/inf \(e.g. 0.weight\); no record"):
+        check_finite_model(model, Path("w"))
+    check_finite_metrics({"mIoU": 0.47, "aAcc": 80.0}, "ade20k", 0)
+    with pytest.raises(FloatingPointError, match="non-finite metrics"):
+        check_finite_metrics({"mIoU": float("nan")}, "ade20k", 0)
+
+
+def test_linear_message_names_a_flag_that_exists():
+    from benchmarks.cli import build_parser
+
+    source = Path(common.__file__).resolve().parent.parent / "transfer" / "linear.py"
+    flags = {a for action in build_parser()._subparsers._group_actions[0].choices["run"]._actions
+             for a in action.option_strings}
+    import re
+
+    for flag in re.findall(r"(--[a-z][a-z-]+)", source.read_text()):
+        assert flag in flags, f"transfer/linear.py suggests {flag}, which `bench run` does not have"
+
+
+def test_every_budget_can_resume_before_its_end():
+    """A killed tiny run must have a checkpoint to resume from (interval < iterations)."""
+    from benchmarks.spec import load_specs
+
+    for spec in load_specs().values():
+        for name, budget in spec.budgets.items():
+            if "checkpoint_interval" in budget:
+                assert budget["checkpoint_interval"] < budget["max_iters"], (spec.name, name)
+
+
+def test_a_nan_metric_never_becomes_a_record(tmp_path, monkeypatch):
+    from benchmarks import runner
+    from transfer.artifact import random_artifact, save_artifact
+
+    backbone = save_artifact(tmp_path / "r18.safetensors", random_artifact("resnet18", width=8))
+    fake_engine = lambda spec, backbone, cfg, mode, seed, device, opts: ({"metrics": {"top1": float("nan"),  # noqa
+                                                                                      "top5": 50.0}}, {"name": "x"})
+    monkeypatch.setattr(runner, "load_engine", lambda task: fake_engine)
+    out = tmp_path / "results"
+    with pytest.raises(FloatingPointError, match=r"inat18 trial 0: non-finite metrics \{'top1': nan\}; no record"):
+        runner.run_benchmark(runner.RunOptions("inat18", str(backbone), str(tmp_path), out=str(out), trials=1,
+                                               device="cpu"), log=lambda *a, **k: None)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override", ["epochs=0", "batch_size=0", "lr=-1", "lr=abc", "workers=-1", "max_steps=0",
+                                      "img_size=-4"])
+def test_pretraining_values_are_checked_before_any_work(override):
+    with pytest.raises(SystemExit, match=rf"{override.split('=')[0]}=.*must be"):
+        common.load_config("mscn", None, [override])

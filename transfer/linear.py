@@ -168,8 +168,11 @@ def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, devi
     if dist_info()[0] == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"features": feats, "labels": labels}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({"features": feats, "labels": labels}, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial entry behind
     return feats, labels, False
 
 

@@ -453,7 +453,7 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
     if not report.ok and not allow_partial:
         raise CheckpointError(
             f"{path}: refused: the load would leave {report.count('missing')} trunk tensors uninitialised "
-            f"and {report.count('shape_mismatch')} with the wrong shape.\n{report.summary()}\n"
+            f"and {report.count('shape_mismatch')} with the wrong shape or dtype.\n{report.summary()}\n"
             "Fix the checkpoint or its --arch; --allow-partial-load overrides (recorded as non-protocol).")
     return art, report
 
@@ -492,7 +492,8 @@ def load_backbone(path: str | Path, arch: str | None = None, method: str | None 
     art, report = to_artifact(path, arch=arch, method=method, allow_partial=allow_partial, **layout_options)
     trunk = build_backbone(art.arch, **art.arch_kwargs)
     expected = trunk.state_dict()
-    usable = {k: v for k, v in art.state_dict.items() if k in expected and v.shape == expected[k].shape}
+    usable = {k: v for k, v in art.state_dict.items() if k in expected and v.shape == expected[k].shape
+              and not lossy_dtype(v, expected[k])}
     trunk.load_state_dict(usable, strict=False)
     backbone = Backbone(art, trunk)
     backbone.report = report
