@@ -544,7 +544,8 @@ def check_run_dir(cfg: dict, out: Path) -> None:
     if cfg["resume"] and not ckpt.is_file():
         raise SystemExit(f"--resume: no checkpoint {ckpt}; check --output-dir (or the config's name), or drop "
                          "--resume to start a new run")
-    if not cfg["resume"] and not cfg.get("force") and (ckpt.is_file() or (out / "log.jsonl").is_file()):
+    logged = (out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size > 0
+    if not cfg["resume"] and not cfg.get("force") and (ckpt.is_file() or logged):
         raise SystemExit(f"{out} already holds a run ({ckpt.name if ckpt.is_file() else 'log.jsonl'}); continue it "
                          "with --resume, start over with --force (its checkpoint and log are replaced), or choose "
                          "another --output-dir")

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         module = method_module(args.method)
         if not hasattr(module, "show_masks"):
             raise SystemExit(f"{args.method} learns no masks; --show-masks is for adios")
+        if not Path(args.show_masks).is_file():
+            raise SystemExit(f"--show-masks {args.show_masks}: no such checkpoint (a run's <output-dir>/checkpoint.pth)")
         print(module.show_masks(args.show_masks, args.output))
         return
     overrides = list(args.overrides)

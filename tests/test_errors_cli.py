@@ -128,3 +128,20 @@ def test_real_processes_exit_2_and_1_without_traceback(tmp_path):
                              capture_output=True, text=True, env=env)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().count("\n") == 0 and "typo" in refused.stderr
+
+
+def test_status_and_sweep_on_a_corrupt_grid(tmp_path, capsys):
+    from transfer.artifact import random_artifact, save_artifact
+
+    grid = tmp_path / "out" / ".sweep" / "grid.json"
+    grid.parent.mkdir(parents=True)
+    grid.write_text('{"cells": [{"cell": ')  # a writer killed half-way (or a hand edit)
+    before = hashes(tmp_path)
+    assert f"{grid}: corrupt sweep grid" in exits(["status", "--out", str(tmp_path / "out")], 1, capsys)
+    backbone = save_artifact(tmp_path / "r18.safetensors", random_artifact("resnet18", width=8))
+    before["r18.safetensors"] = hashes(tmp_path)["r18.safetensors"]
+    assert "not overwritten" in exits(["sweep", "--backbones", str(backbone), "--benchmarks", "inat18",
+                                       "--data-root", str(tmp_path), "--out", str(tmp_path / "out")], 1, capsys)
+    after = hashes(tmp_path)
+    after.pop("out/.sweep/grid.lock", None)  # the (empty) lock file the sweep took
+    assert after == before

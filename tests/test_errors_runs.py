@@ -186,3 +186,20 @@ def test_a_nan_metric_never_becomes_a_record(tmp_path, monkeypatch):
 def test_pretraining_values_are_checked_before_any_work(override):
     with pytest.raises(SystemExit, match=rf"{override.split('=')[0]}=.*must be"):
         common.load_config("mscn", None, [override])
+
+
+def test_pretraining_on_a_truncated_image_is_one_line_and_can_be_rerun(tmp_path, images):
+    from pretrain.run import main
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for f in images.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    bad = data / "3.png"
+    bad.write_bytes(bad.read_bytes()[:120])
+    argv = ["mscn", "--data", str(data), "--output-dir", str(tmp_path / "run"), *TINY]
+    for _ in range(2):  # the failed first attempt wrote no step: the rerun is not refused as "already a run"
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert str(e.value.code).startswith(f"pretrain/run.py: error: {bad}: unreadable or corrupt image")
+        assert "\n" not in str(e.value.code)
