@@ -203,3 +203,16 @@ def test_pretraining_on_a_truncated_image_is_one_line_and_can_be_rerun(tmp_path,
             main(argv)
         assert str(e.value.code).startswith(f"pretrain/run.py: error: {bad}: unreadable or corrupt image")
         assert "\n" not in str(e.value.code)
+
+
+def test_segmentation_stops_at_the_first_non_finite_loss():
+    from types import SimpleNamespace
+
+    from mmseg.registry import HOOKS
+    from transfer.segmentation import SegmentationError
+
+    hook = HOOKS.build(dict(type="FiniteLossHook"))  # found from the mmseg scope the runner uses
+    runner = SimpleNamespace(iter=41, work_dir="w")
+    hook.after_train_iter(runner, 0, outputs={"loss": torch.tensor(1.5)})
+    with pytest.raises(SegmentationError, match=r"non-finite loss \(nan\) at iteration 42; no record written"):
+        hook.after_train_iter(runner, 0, outputs={"loss": torch.tensor(float("nan"))})

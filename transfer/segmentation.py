@@ -533,6 +533,21 @@ def resume_checkpoint(work_dir: Path) -> Path:
     return path
 
 
+from mmengine.hooks import Hook  # noqa: E402
+from mmengine.registry import HOOKS  # noqa: E402
+
+
+@HOOKS.register_module(force=True)
+class FiniteLossHook(Hook):
+    """Stops training at the first NaN/inf loss: a diverged run never becomes a record."""
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        loss = (outputs or {}).get("loss")
+        if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
+            raise SegmentationError(f"non-finite loss ({float(loss)}) at iteration {runner.iter + 1}; no record "
+                                    f"written. Lower the LR (--lr) or check the backbone; logs in {runner.work_dir}")
+
+
 def check_finite_model(model: nn.Module, work_dir: Path) -> None:
     """After training: NaN/inf weights (a diverged run) must not become a result record."""
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -587,6 +602,7 @@ def run_segmentation(spec, backbone, cfg: dict, mode: str, seed: int, device, op
                           workers=getattr(opts, "workers", 0), world_size=world_size, device_type=device.type)
     resume = getattr(opts, "resume", True) and (work_dir / "last_checkpoint").is_file()
     config["resume"] = bool(resume)
+    config.setdefault("custom_hooks", []).append(dict(type="FiniteLossHook"))
     if resume:  # from this work dir's own checkpoint, wherever the folder was moved or copied
         config["load_from"] = str(resume_checkpoint(work_dir))
     dumped = plain(config)
