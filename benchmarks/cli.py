@@ -29,21 +29,27 @@ positive_float = _number(float, 0, inclusive=False)
 
 
 def device_name(text: str) -> str:
-    """auto, cpu, cuda or cuda:N; cuda only where CUDA is available (checked before any work)."""
+    """auto, cpu, cuda or cuda:N (whether this machine has it is checked by `bench run` itself: a sweep may
+    parse run arguments on a login node without GPUs)."""
     import re
 
-    if text in ("auto", "cpu"):
-        return text
-    if not re.fullmatch(r"cuda(:\d+)?", text):
+    if text not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"{text!r}: one of auto, cpu, cuda, cuda:N")
+    return text
+
+
+def check_device(text: str) -> None:
+    """Exit 2 (a usage error), before any work, when --device names CUDA this machine does not have."""
+    if not text.startswith("cuda"):
+        return
     import torch
 
-    if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use --device cpu or auto")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = int(text.split(":")[1]) if ":" in text else 0
-    if index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return text
+    if index >= count:
+        have = "CUDA is not available on this machine" if not count else f"this machine has {count} CUDA device(s)"
+        print(f"bench run: error: argument --device: {text}: {have}; use --device cpu or auto", file=sys.stderr)
+        sys.exit(2)
 
 
 def cmd_list(args) -> None:
@@ -60,6 +66,7 @@ def cmd_run(args) -> None:
     from benchmarks.runner import RunOptions, run_benchmark
     from benchmarks.spec import get_spec
 
+    check_device(args.device)
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ and get_spec(args.benchmark).task != "detection":
         relaunch_under_torchrun(args.gpus)
 

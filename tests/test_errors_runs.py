@@ -216,3 +216,23 @@ def test_segmentation_stops_at_the_first_non_finite_loss():
     hook.after_train_iter(runner, 0, outputs={"loss": torch.tensor(1.5)})
     with pytest.raises(SegmentationError, match=r"non-finite loss \(nan\) at iteration 42; no record written"):
         hook.after_train_iter(runner, 0, outputs={"loss": torch.tensor(float("nan"))})
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_no_temp(tmp_path, monkeypatch):
+    import errno
+
+    model = torch.nn.Conv2d(3, 4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    path = tmp_path / "checkpoint.pth"
+    common.save_checkpoint(path, model, opt, sched, None, 1, {}, 0)
+    before = hashes(tmp_path)
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        common.save_checkpoint(path, model, opt, sched, None, 2, {}, 0)
+    assert hashes(tmp_path) == before
