@@ -145,3 +145,15 @@ def test_status_and_sweep_on_a_corrupt_grid(tmp_path, capsys):
     after = hashes(tmp_path)
     after.pop("out/.sweep/grid.lock", None)  # the (empty) lock file the sweep took
     assert after == before
+
+
+def test_a_corrupt_cell_state_file_is_a_failed_row(tmp_path):
+    from benchmarks.sweep import Cell, SweepConfig, _state_path, save_grid, status
+
+    out = str(tmp_path / "out")
+    cfg = SweepConfig(backbones=["b.safetensors"], benchmarks=["inat18"], trials=1, data_root=str(tmp_path), out=out)
+    cell = Cell(str(tmp_path / "b.safetensors"), "sha256:0123", "inat18", 0)
+    save_grid(cfg, [cell])
+    _state_path(out, cell).write_text('{"state": "runn')  # a writer killed half-way
+    [(cell_id, state, detail)] = status(out)
+    assert cell_id == cell.id and state == "failed" and "corrupt state file" in detail
