@@ -9,6 +9,49 @@ from pathlib import Path
 from benchmarks.spec import CACHE_ROOT
 
 
+# ----------------------------------------------------------------------------------------------- argument types
+def _number(kind, low: float, inclusive: bool = True):
+    """An argparse type: `kind` (int/float) >= low (or > low); argparse turns the ValueError into exit 2."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not (value >= low if inclusive else value > low) or value != value:
+            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int, non_negative_int = _number(int, 1), _number(int, 0)
+positive_float = _number(float, 0, inclusive=False)
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:N (whether this machine has it is checked by `bench run` itself: a sweep may
+    parse run arguments on a login node without GPUs)."""
+    import re
+
+    if text not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: one of auto, cpu, cuda, cuda:N")
+    return text
+
+
+def check_device(text: str) -> None:
+    """Exit 2 (a usage error), before any work, when --device names CUDA this machine does not have."""
+    if not text.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(text.split(":")[1]) if ":" in text else 0
+    if index >= count:
+        have = "CUDA is not available on this machine" if not count else f"this machine has {count} CUDA device(s)"
+        print(f"bench run: error: argument --device: {text}: {have}; use --device cpu or auto", file=sys.stderr)
+        sys.exit(2)
+
+
 def cmd_list(args) -> None:
     from benchmarks.spec import load_specs
 
@@ -23,6 +66,7 @@ def cmd_run(args) -> None:
     from benchmarks.runner import RunOptions, run_benchmark
     from benchmarks.spec import get_spec
 
+    check_device(args.device)
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ and get_spec(args.benchmark).task != "detection":
         relaunch_under_torchrun(args.gpus)
 
@@ -67,6 +111,9 @@ def cmd_sweep(args) -> None:
 def cmd_status(args) -> None:
     from benchmarks.sweep import status
 
+    grid = Path(args.out) / ".sweep" / "grid.json"
+    if not grid.is_file():
+        sys.exit(f"bench status: {args.out} holds no sweep (no {grid}); pass the --out of a `bench sweep`")
     rows = status(args.out)
     for cell, state, detail in rows:
         print(f"{state:<8} {cell}  {detail}")
@@ -81,12 +128,15 @@ def cmd_report(args) -> None:
         sys.exit(f"bench report --format {args.format} writes files: add -o DIR (e.g. -o report)")
     if args.output and args.format not in ("html", "png"):
         sys.exit(f"bench report: -o is for --format html|png; --format {args.format} prints to stdout")
+    if not Path(args.results).is_dir():
+        sys.exit(f"bench report: no results folder {args.results}; pass the --out of `bench run` / `bench sweep`")
     print(render_report(args.results, fmt=args.format, references=not args.no_references, out_dir=args.output))
 
 
 def cmd_data_mini(args) -> None:
     from benchmarks.minidata import make_mini
 
+    check_mini_root(Path(args.root), args.force)
     summary = make_mini(args.root, seed=args.seed, scale=args.scale, image_size=args.image_size)
     for dataset, splits in summary.items():
         print(f"{dataset:<10} " + "  ".join(f"{s}={n}" for s, n in splits.items()))
@@ -104,9 +154,21 @@ def cmd_data_check(args) -> None:
         sys.exit(1)
 
 
-def cmd_backbone_random(args) -> None:
-    from transfer.artifact import random_artifact, save_artifact
+def check_mini_root(root: Path, force: bool) -> None:
+    """`bench data mini` writes only into an empty folder or one it wrote itself (its marker), unless --force."""
+    if force or not root.exists() or (root / ".bench-mini.json").is_file():
+        return
+    if not root.is_dir():
+        sys.exit(f"bench data: error: --root {root} is a file, not a folder")
+    if any(root.iterdir()):
+        sys.exit(f"bench data: error: --root {root} is not empty and was not written by `bench data mini` (no "
+                 ".bench-mini.json); its files could be overwritten. Choose an empty folder, or add --force")
 
+
+def cmd_backbone_random(args) -> None:
+    from transfer.artifact import check_arch, random_artifact, save_artifact
+
+    check_arch(args.arch)
     kwargs = {"width": args.width} if args.width else {}
     art = random_artifact(args.arch, seed=args.seed, **kwargs)
     print(f"{save_artifact(args.output, art)}: random-init {args.arch} {kwargs or ''} {art.hash}")
@@ -161,49 +223,49 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", choices=["cached", "protocol"], help="linear probes: cached (default) or protocol")
     r.add_argument("--no-resume", dest="resume", action="store_false",
                    help="segmentation: start over instead of resuming from the work dir's last checkpoint")
-    r.add_argument("--trials", type=int, help="number of trials (seeds seed..seed+N-1)")
-    r.add_argument("--first-trial", type=int, default=0, help="index of the first trial (seed = seed + index)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--trials", type=positive_int, help="number of trials (seeds seed..seed+N-1)")
+    r.add_argument("--first-trial", type=non_negative_int, default=0, help="index of the first trial (seed = seed + index)")
+    r.add_argument("--seed", type=non_negative_int, default=0)
     r.add_argument("--out", default="results", help="results folder (default ./results)")
     r.add_argument("--budget", help="non-protocol preset for CPU/miniature runs, e.g. tiny (recorded)")
-    r.add_argument("--epochs", type=int, help="override the recipe's epochs (recorded as non-protocol)")
-    r.add_argument("--max-iter", type=int,
+    r.add_argument("--epochs", type=positive_int, help="override the recipe's epochs (recorded as non-protocol)")
+    r.add_argument("--max-iter", type=positive_int,
                    help="detection/segmentation: override the training iterations (steps and warm-up scale with it; "
                         "non-protocol)")
-    r.add_argument("--batch-size", type=int, help="override the global batch size: the recipe's linear-scaling rule scales the LR and, for "
+    r.add_argument("--batch-size", type=positive_int, help="override the global batch size: the recipe's linear-scaling rule scales the LR and, for "
                         "iteration schedules, iterations / steps / warm-up inversely (recorded, non-protocol)")
-    r.add_argument("--crop-size", type=int, help="override the crop size (recorded)")
-    r.add_argument("--resize-size", type=int, help="override the test resize (recorded)")
-    r.add_argument("--lr", type=float, help="override the LR (linear probes: at the recipe's lr_batch; recorded, non-protocol)")
+    r.add_argument("--crop-size", type=positive_int, help="override the crop size (recorded)")
+    r.add_argument("--resize-size", type=positive_int, help="override the test resize (recorded)")
+    r.add_argument("--lr", type=positive_float, help="override the LR (linear probes: at the recipe's lr_batch; recorded, non-protocol)")
     add_layout_options(r)
     r.add_argument("--method", help="method label for the leaderboard (default: from the artifact)")
     r.add_argument("--name", help="backbone name for the leaderboard (default: file name)")
     r.add_argument("--allow-partial-load", action="store_true",
                    help="accept a checkpoint that leaves trunk weights uninitialised (recorded, non-protocol)")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    r.add_argument("--gpus", type=int, default=1,
+    r.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda, cuda:1 ...")
+    r.add_argument("--gpus", type=positive_int, default=1,
                    help="processes (one per GPU): torchrun for linear probes and mmseg, the detection engine's own "
                         "launcher for detection; on a CPU-only machine N gloo processes. The global batch is kept (batch / N per GPU); "
                         "where memory forbids it, add --batch-size (linear-scaling rule)")
-    r.add_argument("--workers", type=int, help="data-loading workers (default min(4, cores))")
+    r.add_argument("--workers", type=non_negative_int, help="data-loading workers (default min(4, cores))")
     r.add_argument("--cache-dir", default=str(CACHE_ROOT / "features"), help="feature cache for --mode cached")
     r.set_defaults(fn=cmd_run)
 
     sw = sub.add_parser("sweep", help="run backbones x benchmarks x trials; skips cells whose records exist")
     sw.add_argument("--backbones", nargs="+", required=True)
     sw.add_argument("--benchmarks", nargs="+", required=True)
-    sw.add_argument("--trials", type=int, default=1)
+    sw.add_argument("--trials", type=positive_int, default=1)
     sw.add_argument("--data-root", required=True)
     sw.add_argument("--out", default="results")
     sw.add_argument("--recipe")
     sw.add_argument("--mode", choices=["cached", "protocol"])
     sw.add_argument("--budget")
-    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--seed", type=non_negative_int, default=0)
     sw.add_argument("--launcher", choices=["local", "slurm"], default="local",
                     help="local: one cell after another here; slurm: one submitit job array")
     sw.add_argument("--partition", help="SLURM partition")
-    sw.add_argument("--time", type=int, default=240, help="SLURM time limit per cell, minutes")
-    sw.add_argument("--gpus", type=int, default=1, help="GPUs per cell")
+    sw.add_argument("--time", type=positive_int, default=240, help="SLURM time limit per cell, minutes")
+    sw.add_argument("--gpus", type=positive_int, default=1, help="GPUs per cell")
     sw.add_argument("--constraint", help="SLURM constraint")
     sw.add_argument("--cluster", help="submitit cluster override: slurm, local or debug")
     sw.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: extra `bench run` arguments")
@@ -225,9 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_verb", required=True)
     mini = data.add_parser("mini", help="write the miniature datasets in the real layouts (deterministic)")
     mini.add_argument("--root", required=True)
-    mini.add_argument("--seed", type=int, default=0)
-    mini.add_argument("--scale", type=float, default=1.0, help="multiply the number of images per set")
-    mini.add_argument("--image-size", type=int, default=96, help="base image size in pixels")
+    mini.add_argument("--seed", type=non_negative_int, default=0)
+    mini.add_argument("--scale", type=positive_float, default=1.0, help="multiply the number of images per set")
+    mini.add_argument("--image-size", type=_number(int, 16), default=96, help="base image size in pixels")
+    mini.add_argument("--force", action="store_true",
+                      help="write into a non-empty --root that `bench data mini` did not create (files may be replaced)")
     mini.set_defaults(fn=cmd_data_mini)
     chk = data.add_parser("check", help="verify real (or miniature) datasets: published split sizes, class lists, "
                           "missing / unreadable / truncated images; exits 1 with a summary if anything is wrong")
@@ -235,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("benchmarks", nargs="*", help="benchmarks or datasets (voc, coco, lvis, ade20k, inat18, "
                      "places205, imagenet); default: every benchmark's dataset")
     chk.add_argument("--quick", action="store_true", help="open only --sample randomly drawn files per split")
-    chk.add_argument("--sample", type=int, default=1000, metavar="N", help="files per split under --quick (1000)")
-    chk.add_argument("--workers", type=int, help="parallel file readers (default 4 x cores, at most 32)")
+    chk.add_argument("--sample", type=positive_int, default=1000, metavar="N", help="files per split under --quick (1000)")
+    chk.add_argument("--workers", type=positive_int, help="parallel file readers (default 4 x cores, at most 32)")
     chk.add_argument("--full-decode", action="store_true", help="decode every image, not just header and end marker")
     chk.set_defaults(fn=cmd_data_check)
 
@@ -244,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     rnd = bb.add_parser("random", help="write a random-init artifact (the random-init reference row)")
     rnd.add_argument("--arch", required=True,
                      help="resnet18/34/50/101/152, vit_{tiny,small,base,large}_patch16, convvit_{tiny,base}")
-    rnd.add_argument("--width", type=int, help="ResNet stem width (64 = standard; smaller = slim CPU variant)")
-    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--width", type=positive_int, help="ResNet stem width (64 = standard; smaller = slim CPU variant)")
+    rnd.add_argument("--seed", type=non_negative_int, default=0)
     rnd.add_argument("-o", "--output", required=True)
     rnd.set_defaults(fn=cmd_backbone_random)
 
@@ -274,11 +338,14 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except (ArtifactError, SpecError, FloatingPointError) as e:
         sys.exit(f"bench {args.verb}: error: {e}")
+    except OSError as e:  # disk full, permissions, a vanished file: the writers remove their own temp files
+        sys.exit(f"bench {args.verb}: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; "
+                 "free space or fix permissions and rerun (finished results are kept, unfinished ones redone)")
     except Exception as e:
-        from benchmarks.datasets import LayoutError
+        from benchmarks.datasets import LayoutError, error_text
 
         if isinstance(e, LayoutError):
-            sys.exit(f"bench {args.verb}: error: {e}")
+            sys.exit(f"bench {args.verb}: error: {error_text(e)}")
         raise
 
 

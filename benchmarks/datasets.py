@@ -42,6 +42,16 @@ class LayoutError(RuntimeError):
     """A dataset on disk does not have the expected layout; the message names the file and the fix."""
 
 
+def error_text(e: BaseException) -> str:
+    """The message of `e`, without the worker traceback that torch's DataLoader puts into errors it re-raises
+    from a worker process ("Caught LayoutError in DataLoader worker process 0. Original Traceback ...")."""
+    text = str(e)
+    marker = f"{type(e).__name__}: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 def _fail(dataset: str, where, problem: str, fix: str = "") -> LayoutError:
     fix = fix or "check --data-root and the dataset's layout (`bench data mini --root DIR` writes an example)"
     return LayoutError(f"{where}: {problem}. {fix}\nExpected layout under --data-root:\n{EXPECTED_LAYOUTS[dataset]}")
@@ -98,7 +108,7 @@ def load_classification(name: str, data_root, split: str, check_images: bool = T
     loaders = {"inat18": _load_inat, "places205": _load_places}
     if name not in loaders or split not in ("train", "val"):
         raise ValueError(f"no classification set {name}/{split}; sets: {', '.join(loaders)}; splits: train, val")
-    return loaders[name](Path(data_root), split, check_images)
+    return loaders[name](Path(data_root).resolve(), split, check_images)  # absolute: one feature-cache key per file
 
 
 def _load_inat(root: Path, split: str, check_images: bool = True) -> ClassificationSplit:
@@ -118,20 +128,43 @@ def _load_inat(root: Path, split: str, check_images: bool = True) -> Classificat
     return ClassificationSplit("inat18", split, samples, len(cats), [c.get("name", str(c["id"])) for c in cats])
 
 
+PLACES205_CLASSES = 205
+ADE20K_CLASSES = 150
+
+
 def _load_places(root: Path, split: str, check_images: bool = True) -> ClassificationSplit:
-    """Places205 csv lists (`<relative path> <label>`); num_classes = 1 + the largest label of train and val
-    (205 for the real lists), names from the class folders (e.g. a/abbey -> abbey)."""
+    """Places205 csv lists (`<relative path> <label>`); the classes are the train list's labels, which must be
+    0..K-1 with K <= 205 (205 for the real lists) and include every val label; names from the class folders
+    (e.g. a/abbey -> abbey)."""
     base = _need("places205", root / "places205", "directory")
     lists = {s: base / "trainvalsplit_places205" / f"{s}_places205.csv" for s in ("train", "val")}
     parsed = {s: _read_places_csv(p) for s, p in lists.items()}
     samples = [(base / "images256" / rel, label) for rel, label in parsed[split]]
     if check_images:
         _check_images("places205", (p for p, _ in samples))
-    num_classes = 1 + max(label for rows in parsed.values() for _, label in rows)
+    num_classes = _check_places_labels(parsed, lists)
     names = [str(i) for i in range(num_classes)]
     for rel, label in parsed["train"]:
         names[label] = Path(rel).parent.name
     return ClassificationSplit("places205", split, samples, num_classes, names)
+
+
+def _check_places_labels(parsed: dict, lists: dict) -> int:
+    """The number of classes; refuses labels outside 0..204, gaps in the train labels and val-only labels."""
+    for split, rows in parsed.items():
+        for n, (rel, label) in enumerate(rows, 1):
+            if label >= PLACES205_CLASSES:
+                raise _fail("places205", f"{lists[split]}:{n}", f"label {label} of {rel} is outside Places205's "
+                            f"{PLACES205_CLASSES} classes (0..{PLACES205_CLASSES - 1})", "fix or remove the line")
+    train = {label for _, label in parsed["train"]}
+    gaps = sorted(set(range(max(train) + 1)) - train)
+    if gaps:
+        raise _fail("places205", lists["train"], f"labels {gaps[:10]} have no train image (labels must be 0..K-1, "
+                    "each with train images)", "fix the labels or add the missing classes' images")
+    unseen = sorted({label for _, label in parsed["val"]} - train)
+    if unseen:
+        raise _fail("places205", lists["val"], f"labels {unseen[:10]} have no train image", "fix the labels")
+    return len(train)
 
 
 def _read_places_csv(path: Path) -> list[tuple[str, int]]:
@@ -254,8 +287,43 @@ def load_ade20k(data_root, split: str) -> list[tuple[Path, Path]]:
         ann = base / "annotations" / split / f"{image.stem}.png"
         if not ann.is_file():
             raise _fail("ade20k", ann, f"missing annotation for {image.name}")
+        _check_ade20k_pair(image, ann)
         pairs.append((image, ann))
     return pairs
+
+
+def _image_header(dataset: str, path: Path):
+    """(size, mode) from the file header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except (OSError, UnidentifiedImageError) as e:
+        raise _fail(dataset, path, f"unreadable or corrupt image ({e})", "re-copy it or remove it") from e
+
+
+def _check_ade20k_pair(image: Path, ann: Path) -> None:
+    """Header reads: the annotation is a single-channel 8-bit PNG of its image's size."""
+    size, _ = _image_header("ade20k", image)
+    ann_size, mode = _image_header("ade20k", ann)
+    if mode not in ("L", "P"):
+        raise _fail("ade20k", ann, f"annotation mode {mode}, expected 8-bit single-channel (L)", "re-export it")
+    if ann_size != size:
+        raise _fail("ade20k", ann, f"annotation size {ann_size[0]}x{ann_size[1]} differs from its image "
+                    f"{image.name} ({size[0]}x{size[1]})", "re-copy the pair")
+
+
+def check_ade20k_labels(pairs) -> None:
+    """Every annotation's labels are 0 (other/ignore) .. 150: decodes the PNGs (about 1 ms each)."""
+    from PIL import Image
+
+    for _, ann in pairs:
+        with Image.open(ann) as im:
+            low, high = im.getextrema() if im.mode == "L" else im.convert("L").getextrema()
+        if high > ADE20K_CLASSES:
+            raise _fail("ade20k", ann, f"label {high} outside ADE20K's classes (0 = other/ignore, "
+                        f"1..{ADE20K_CLASSES})", "re-export the annotation")
 
 
 def check_layout(dataset: str, data_root) -> None:
@@ -266,7 +334,7 @@ def check_layout(dataset: str, data_root) -> None:
         "voc": lambda r: [load_voc(r, "2007", "trainval"), load_voc(r, "2007", "test"), load_voc(r, "2012", "trainval")],
         "coco": lambda r: [load_coco(r, s) for s in COCO_SPLITS],
         "lvis": lambda r: [load_lvis(r, s) for s in ("train", "val")],
-        "ade20k": lambda r: [load_ade20k(r, s) for s in ("training", "validation")],
+        "ade20k": lambda r: [check_ade20k_labels(load_ade20k(r, s)) for s in ("training", "validation")],
     }
     if dataset not in checks:
         raise ValueError(f"unknown dataset {dataset!r}; datasets: {', '.join(checks)}")

@@ -101,6 +101,7 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
         seed = opts.seed + trial
         t0 = time.perf_counter()
         result, engine_cfg = engine(spec, backbone, cfg, mode, seed, device, opts)
+        check_finite_metrics(result["metrics"], spec.name, trial)
         timings = {**result.get("timings", {}), "total_s": time.perf_counter() - t0}
         config = {"benchmark": spec.name, "task": spec.task, "dataset": spec.dataset, "recipe": cfg,
                   "mode": mode, "engine": engine_cfg, "data_root": str(Path(opts.data_root).resolve()),
@@ -121,6 +122,14 @@ def run_benchmark(opts: RunOptions, log=print) -> list[Path]:
         shown = "  ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items())
         log(f"[{spec.name} {cfg['name']} {mode} trial {trial}] {shown}  ({timings['total_s']:.1f}s) -> {path}")
     return written
+
+
+def check_finite_metrics(metrics: dict, benchmark: str, trial: int) -> None:
+    """A NaN/inf metric (a diverged engine) never becomes a record."""
+    bad = {k: v for k, v in metrics.items() if not (isinstance(v, (int, float)) and abs(v) < float("inf"))}
+    if bad:
+        raise FloatingPointError(f"{benchmark} trial {trial}: non-finite metrics {bad}; no record written. Lower the "
+                                 "LR (--lr) or check the backbone")
 
 
 def run_linear(spec: BenchmarkSpec, backbone, cfg: dict, mode: str, seed: int, device, opts: RunOptions):

@@ -58,6 +58,21 @@ def expand(cfg: SweepConfig) -> list[Cell]:
     return cells
 
 
+def check_sweep(cfg: SweepConfig) -> None:
+    """Validate every benchmark, recipe, budget and pass-through override before anything is saved (a grid with
+    a misspelled benchmark would break `bench status` for the whole folder); raises SpecError."""
+    from benchmarks.spec import SpecError
+
+    if cfg.trials < 1:
+        raise SpecError(f"--trials {cfg.trials}: at least 1")
+    for name in cfg.benchmarks:
+        spec = get_spec(name)
+        resolve(spec, cfg.recipe, cfg.budget, _overrides(cfg.run_args))
+    for backbone in cfg.backbones:
+        if not Path(backbone).is_file():
+            raise SpecError(f"--backbones {backbone}: no such file")
+
+
 def is_done(cell: Cell, cfg: SweepConfig) -> bool:
     spec = get_spec(cell.benchmark)
     recipe, overrides = resolve(spec, cfg.recipe, cfg.budget, _overrides(cfg.run_args))
@@ -93,9 +108,12 @@ def _write_state(out: str, cell: Cell, **state) -> None:
     path = _state_path(out, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"cell": dataclasses.asdict(cell), "host": socket.gethostname(),
-                               "time": datetime.datetime.now().isoformat(timespec="seconds"), **state}))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"cell": dataclasses.asdict(cell), "host": socket.gethostname(),
+                                   "time": datetime.datetime.now().isoformat(timespec="seconds"), **state}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no temp file behind
 
 
 def run_cell(cell: Cell, cfg: SweepConfig) -> int:
@@ -123,18 +141,28 @@ def save_grid(cfg: SweepConfig, cells: list[Cell]) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent sweeps into one OUT merge, none is lost
         entries = {}
         if path.is_file():
-            entries = {(e["cell"]["backbone_hash"], Cell(**e["cell"]).id): e
-                       for e in json.loads(path.read_text())["cells"]}
+            try:
+                entries = {(e["cell"]["backbone_hash"], Cell(**e["cell"]).id): e
+                           for e in json.loads(path.read_text())["cells"]}
+            except (ValueError, KeyError, TypeError) as e:
+                from benchmarks.spec import SpecError
+
+                raise SpecError(f"{path}: corrupt sweep grid ({type(e).__name__}: {e}); not overwritten. Sweep "
+                                "into a fresh --out (records already written are kept and skipped)") from None
         for cell in cells:
             entries[(cell.backbone_hash, cell.id)] = {"cell": dataclasses.asdict(cell),
                                                       "config": dataclasses.asdict(cfg)}
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"cells": list(entries.values())}, indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps({"cells": list(entries.values())}, indent=1))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def sweep(cfg: SweepConfig, launcher: str = "local", slurm: dict | None = None, log=print) -> dict:
     """Run (local) or submit (slurm) every cell that has no record yet. Returns counts per outcome."""
+    check_sweep(cfg)
     cells = expand(cfg)
     save_grid(cfg, cells)
     running = [c for c in cells if _running(cfg.out, c)]
@@ -175,10 +203,16 @@ def submit_slurm(cells: list[Cell], cfg: SweepConfig, partition: str | None = No
 
 def status(out: str) -> list[tuple[str, str, str]]:
     """(cell id, state, detail) for every cell of the sweep saved under `out`."""
-    grid = json.loads((Path(out) / ".sweep" / "grid.json").read_text())
+    from benchmarks.spec import SpecError
+
+    path = Path(out) / ".sweep" / "grid.json"
+    try:
+        entries = [(Cell(**e["cell"]), SweepConfig(**e["config"])) for e in json.loads(path.read_text())["cells"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"{path}: corrupt sweep grid ({type(e).__name__}: {e}); rerun the `bench sweep` commands "
+                        "into a fresh --out (records already written are kept and skipped)") from None
     rows = []
-    for entry in grid["cells"]:
-        cell, cfg = Cell(**entry["cell"]), SweepConfig(**entry["config"])
+    for cell, cfg in entries:
         if is_done(cell, cfg):
             rows.append((cell.id, "done", ""))
             continue
@@ -186,7 +220,12 @@ def status(out: str) -> list[tuple[str, str, str]]:
         if not path.is_file():
             rows.append((cell.id, "missing", ""))
             continue
-        state = json.loads(path.read_text())
+        try:
+            state = json.loads(path.read_text())
+            state["state"]
+        except (ValueError, KeyError, TypeError):
+            rows.append((cell.id, "failed", f"corrupt state file {path} (a killed writer); rerun the sweep"))
+            continue
         if state["state"] == "running" and not _alive(state):
             rows.append((cell.id, "failed", f"interrupted (pid {state['pid']} gone); log {state['log']}"))
         elif state["state"] == "done":  # exited 0 but no record: treat as failed
@@ -201,8 +240,11 @@ def _running(out: str, cell: Cell) -> bool:
     path = _state_path(out, cell)
     if not path.is_file():
         return False
-    state = json.loads(path.read_text())
-    return state["state"] == "running" and _alive(state)
+    try:
+        state = json.loads(path.read_text())
+        return state["state"] == "running" and _alive(state)
+    except (ValueError, KeyError, TypeError):
+        return False  # a corrupt state file: the cell is run again
 
 
 def _alive(state: dict) -> bool:

@@ -69,7 +69,12 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": None, "eval_benchmarks": [], "eval_data_root": None, "eval_out": None, "eval_budget": None,
     "eval_launcher": "local",     # local (a detached `bench sweep` process) | slurm (a submitit job array)
     "resume": False,
+    "force": False,               # start over in an output_dir that already holds a checkpoint (it is replaced)
 }
+
+# keys that may change between a run and its resumption (runtime, not the recipe)
+RESUMABLE_KEYS = {"resume", "force", "max_steps", "workers", "log_every", "ckpt_every", "output_dir", "eval_every",
+                  "eval_benchmarks", "eval_data_root", "eval_out", "eval_budget", "eval_launcher", "config_name"}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -83,7 +88,7 @@ def load_config(method: str, config: str | None = None, overrides: list[str] = (
         known = ", ".join(p.stem for p in sorted(CONFIG_DIR.glob(f"{method}*.yaml")))
         raise SystemExit(f"config {path} not found; configs for {method}: {known}")
     cfg = dict(defaults)
-    file_cfg = yaml.safe_load(path.read_text()) or {}
+    file_cfg = {k: _number_or_value(v) for k, v in (yaml.safe_load(path.read_text()) or {}).items()}
     for source, items in ((str(path), file_cfg.items()), ("override", (_parse_override(o) for o in overrides))):
         for key, value in items:
             if key not in defaults:
@@ -91,16 +96,43 @@ def load_config(method: str, config: str | None = None, overrides: list[str] = (
             cfg[key] = value
     if cfg["method"] not in (None, method):
         raise SystemExit(f"{path} is a {cfg['method']} config, not {method}")
+    check_values(cfg, path)
     cfg["method"], cfg["config_name"] = method, path.stem
     cfg["output_dir"] = cfg["output_dir"] or str(Path("runs") / "pretrain" / path.stem)
     return cfg
+
+
+POSITIVE_KEYS = ("epochs", "batch_size", "lr_batch", "img_size", "ckpt_every", "log_every", "width")
+
+
+def check_values(cfg: dict, path: Path) -> None:
+    """Counts and sizes are positive numbers, the LR a non-negative one (e.g. `epochs=0`, `lr=-1` refused)."""
+    for key in POSITIVE_KEYS:
+        if key in cfg and not (isinstance(cfg[key], int) and not isinstance(cfg[key], bool) and cfg[key] > 0):
+            raise SystemExit(f"{key}={cfg[key]!r} ({path} or override): must be a positive integer")
+    if not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] >= 0 and math.isfinite(cfg["lr"])):
+        raise SystemExit(f"lr={cfg['lr']!r} ({path} or override): must be a number >= 0")
+    if not (isinstance(cfg["workers"], int) and cfg["workers"] >= 0):
+        raise SystemExit(f"workers={cfg['workers']!r} ({path} or override): must be an integer >= 0")
+    if cfg["max_steps"] is not None and not (isinstance(cfg["max_steps"], int) and cfg["max_steps"] > 0):
+        raise SystemExit(f"max_steps={cfg['max_steps']!r}: must be a positive integer or null")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise SystemExit(f"override {text!r} is not key=value")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), _number_or_value(yaml.safe_load(value))
+
+
+def _number_or_value(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string: such strings become floats."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def method_module(method: str):
@@ -453,17 +485,36 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
         dist.all_gather_object(states, rng_state())
     if rank != 0:
         return
-    ckpt = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+    model_state = unwrap(model).state_dict()
+    check_finite_state(model_state, path, step)
+    ckpt = {"model": model_state, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": step, "config": cfg, "rng": states or [rng_state()]}
     tmp = path.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_finite_state(state: dict, path: Path, step: int) -> None:
+    """Refuse to replace the last good checkpoint with weights or BN statistics holding NaN/inf."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"non-finite model state at step {step} ({len(bad)} tensors, e.g. {bad[0]}); not saved, "
+                         f"{path} keeps the last good checkpoint. Resume with --resume and a lower lr, "
+                         "precision=fp32 or clip_grad=1.0.")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rank: int) -> int:
     """Restore everything `save_checkpoint` wrote; returns the step to continue from."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["model"], ckpt["step"]
+    except Exception as e:  # truncated or foreign file: torch raises RuntimeError, pickle errors, EOFError ...
+        raise SystemExit(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                         "restore it from a copy, or start over with --force (the checkpoint is replaced)") from None
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -484,7 +535,7 @@ def export_backbone(model: nn.Module, cfg: dict, module, path: Path, steps: int,
     else:
         arch_kwargs = {"width": cfg["width"]} if cfg.get("width", 64) != 64 else {}
     provenance = {"method": cfg["method"], "framework": cfg.get("framework"), "epochs": cfg["epochs"],
-                  "steps": steps, "data": data, "config": {k: v for k, v in cfg.items() if k != "resume"},
+                  "steps": steps, "data": data, "config": {k: v for k, v in cfg.items() if k not in ("resume", "force")},
                   "code_version": code_version()}
     artifact = BackboneArtifact(cfg["arch"], trunk_state_dict(unwrap(model).backbone), module.preprocessing(cfg),
                                 provenance, arch_kwargs)
@@ -510,6 +561,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_run_dir(cfg: dict, out: Path) -> None:
+    """Before anything is written: refuse to overwrite a run's checkpoint without `--resume` / `--force`,
+    `--resume` without a checkpoint, and resuming with a recipe that differs from the checkpoint's."""
+    ckpt = out / "checkpoint.pth"
+    if cfg["resume"] and cfg.get("force"):
+        raise SystemExit("--resume and --force contradict each other: --resume continues the run in "
+                         f"{out}, --force starts it over")
+    if cfg["resume"] and not ckpt.is_file():
+        raise SystemExit(f"--resume: no checkpoint {ckpt}; check --output-dir (or the config's name), or drop "
+                         "--resume to start a new run")
+    logged = (out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size > 0
+    if not cfg["resume"] and not cfg.get("force") and (ckpt.is_file() or logged):
+        raise SystemExit(f"{out} already holds a run ({ckpt.name if ckpt.is_file() else 'log.jsonl'}); continue it "
+                         "with --resume, start over with --force (its checkpoint and log are replaced), or choose "
+                         "another --output-dir")
+    if cfg.get("force") and not cfg["resume"]:
+        (out / "log.jsonl").unlink(missing_ok=True)  # a fresh run: do not mix its log with the old one
+    if cfg["resume"] and (out / "config.yaml").is_file():
+        try:
+            before = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SystemExit(f"{out / 'config.yaml'}: unreadable ({e}); restore it or start over with --force") \
+                from None
+        changed = sorted(k for k in set(before) | set(cfg) if k not in RESUMABLE_KEYS
+                         and _number_or_value(before.get(k)) != cfg.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {cfg.get(k)!r}" for k in changed)
+            raise SystemExit(f"--resume with a changed config ({diff}); resume with the run's own config "
+                             f"({out / 'config.yaml'}), or start a new run in another --output-dir")
+
+
 def train(cfg: dict, log=print) -> Path:
     """Pretrain `cfg['method']` as configured; returns the exported artifact's path."""
     from tqdm import tqdm
@@ -519,9 +601,11 @@ def train(cfg: dict, log=print) -> Path:
     if cfg["batch_size"] % world:
         raise SystemExit(f"batch_size {cfg['batch_size']} is not divisible by {world} processes")
     out = Path(cfg["output_dir"])
+    check_run_dir(cfg, out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        if not (cfg["resume"] and (out / "config.yaml").is_file()):  # a resumed run keeps its own config.yaml
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     else:
         log = lambda *a, **k: None  # noqa: E731
     seed_everything(cfg["seed"] + rank)  # per-rank masks/noise; the data is seeded per sample
@@ -554,7 +638,7 @@ def train(cfg: dict, log=print) -> Path:
 
     ckpt_path = out / "checkpoint.pth"
     step = last_saved = 0
-    if cfg["resume"] and ckpt_path.exists():
+    if cfg["resume"]:
         step = last_saved = load_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, rank)
         log(f"resumed from {ckpt_path} at step {step}")
     stop = min(total, cfg["max_steps"] or total)

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="ImageFolder / ImageNet directory (default: the miniature data)")
     parser.add_argument("--output-dir", help="run directory (default: runs/pretrain/<config>)")
     parser.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    parser.add_argument("--force", action="store_true", help="start over in an --output-dir that holds a run "
+                        "(its checkpoint and log.jsonl are replaced)")
     parser.add_argument("--show-masks", metavar="CKPT", help="methods with learned masks (adios): save a PNG grid "
                         "of images and their masks from a checkpoint, then exit")
     parser.add_argument("-o", "--output", default="masks.png", help="PNG written by --show-masks")
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         module = method_module(args.method)
         if not hasattr(module, "show_masks"):
             raise SystemExit(f"{args.method} learns no masks; --show-masks is for adios")
+        if not Path(args.show_masks).is_file():
+            raise SystemExit(f"--show-masks {args.show_masks}: no such checkpoint (a run's <output-dir>/checkpoint.pth)")
         print(module.show_masks(args.show_masks, args.output))
         return
     overrides = list(args.overrides)
@@ -42,7 +46,17 @@ def main(argv: list[str] | None = None) -> None:
         overrides.append(f"output_dir={args.output_dir}")
     if args.resume:
         overrides.append("resume=true")
-    train(load_config(args.method, args.config, overrides))
+    if args.force:
+        overrides.append("force=true")
+    from benchmarks.datasets import LayoutError, error_text
+
+    try:
+        train(load_config(args.method, args.config, overrides))
+    except LayoutError as e:  # e.g. a corrupt image, re-raised from a data-loader worker
+        raise SystemExit(f"pretrain/run.py: error: {error_text(e)}") from None
+    except OSError as e:  # disk full: save_checkpoint removes its temp file, the last checkpoint is kept
+        raise SystemExit(f"pretrain/run.py: error: {e.filename or ''} {e.strerror or e}; free space and continue "
+                         "with --resume") from None
 
 
 if __name__ == "__main__":

@@ -287,12 +287,48 @@ def artifact_from_tensors(tensors: dict[str, torch.Tensor], meta: dict, path: st
     if "bench" not in meta:
         raise ArtifactError(f"{path}: safetensors file without bench metadata; convert it with "
                             "`bench backbone convert FILE -o OUT --arch ARCH`")
-    info = json.loads(meta["bench"])
+    info = _artifact_info(meta["bench"], path)
     if info.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path}: artifact format {info.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
     return BackboneArtifact(arch=info["arch"], state_dict=tensors,
                             preprocessing=Preprocessing.from_dict(info.get("preprocessing", {})),
                             provenance=info.get("provenance", {}), arch_kwargs=info.get("arch_kwargs", {}))
+
+
+def _artifact_info(text: str, path) -> dict:
+    """The artifact's bench metadata, checked: valid JSON naming a known architecture."""
+    fix = "re-export it with `bench backbone convert FILE -o OUT --arch ARCH` or the pretraining run"
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: corrupt bench metadata (bad JSON: {e}); {fix}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("arch"), str):
+        raise ArtifactError(f"{path}: bench metadata names no architecture ('arch'); {fix}")
+    if not isinstance(info.get("arch_kwargs", {}), dict):
+        raise ArtifactError(f"{path}: bench metadata 'arch_kwargs' is not a mapping; {fix}")
+    try:
+        check_arch(info["arch"])
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}; {fix}") from None
+    return info
+
+
+def check_arch(arch: str) -> None:
+    """Raise ArtifactError unless `arch` can be built (ResNet depths, timm ViTs, ConvViT presets)."""
+    family = arch_family(arch)
+    if family == "vit":
+        import timm
+
+        if timm.is_model(f"{arch}_224"):
+            return
+    elif family == "convvit":
+        from transfer.convvit import PRESETS
+
+        if arch in PRESETS:
+            return
+    elif arch in RESNET_ARCHS:
+        return
+    raise ArtifactError(f"unknown architecture {arch!r}; known: {', '.join(RESNET_ARCHS + VIT_ARCHS + CONVVIT_ARCHS)}")
 
 
 def random_artifact(arch: str, seed: int = 0, **arch_kwargs) -> BackboneArtifact:

@@ -140,19 +140,40 @@ def cache_key(backbone: Backbone, split: ClassificationSplit, transform, pass_se
     return h.hexdigest()[:24]
 
 
+def read_feature_cache(path: Path, num_samples: int) -> dict | None:
+    """A cache entry, or None when it is absent or unusable (truncated, foreign, wrong length): then the features
+    are extracted again and the entry rewritten, so a bad entry never sticks."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (len(blob["features"]) == num_samples == len(blob["labels"])
+              and bool(torch.isfinite(blob["features"]).all()))
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError ... for damaged files
+        print(f"feature cache {path}: unreadable ({type(e).__name__}); extracting again")
+        return None
+    if not ok:
+        print(f"feature cache {path}: wrong length or non-finite values; extracting again")
+        return None
+    return blob
+
+
 def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, device, batch_size, workers, desc):
     """Features from the disk cache, extracting and caching them on a miss. Returns (feats, labels, hit)."""
     path = cache_dir / f"{split.name}-{split.split}-{cache_key(backbone, split, transform, pass_seed)}.pt"
-    if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = read_feature_cache(path, len(split.samples))
+    if blob is not None:
         return blob["features"], blob["labels"], True
     feats, labels = extract_features(backbone, split.samples, transform, device, batch_size, workers, desc,
                                      seed=pass_seed)
     if dist_info()[0] == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"features": feats, "labels": labels}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({"features": feats, "labels": labels}, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial entry behind
     return feats, labels, False
 
 
@@ -236,7 +257,7 @@ def fit_heads(heads: LinearHeads, epoch_batches: Callable[[int], Iterable], step
             loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(lrs)), reduction="mean") * len(lrs)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"linear-probe loss is {loss.item()} at epoch {epoch}, step {step}; "
-                                         "lower the LR (recipe or --lr-grid) or check the backbone's features")
+                                         "lower the LR (`bench run --lr`, or the recipe) or check the backbone's features")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if heads.scale is not None:  # the shared affine tensors get each head's own LR

@@ -555,6 +555,14 @@ def _infer_convvit(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------- audit
+def lossy_dtype(ckpt_tensor: torch.Tensor, model_tensor: torch.Tensor) -> bool:
+    """A checkpoint tensor that cannot be copied into the model's without losing values: integer or bool weights
+    for floating parameters (a quantised or corrupted export), complex into real."""
+    if model_tensor.is_floating_point():
+        return not ckpt_tensor.is_floating_point()
+    return ckpt_tensor.is_floating_point() or ckpt_tensor.is_complex()
+
+
 def audit(model_state: dict[str, torch.Tensor], ckpt_state: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Per-module matched / missing / unexpected / shape-mismatched keys (BN step counters are optional)."""
     modules = OrderedDict()
@@ -572,6 +580,8 @@ def audit(model_state: dict[str, torch.Tensor], ckpt_state: dict[str, torch.Tens
         elif tuple(ckpt_state[key].shape) != tuple(value.shape):
             bucket(key)["shape_mismatch"].append(
                 f"{key} {tuple(ckpt_state[key].shape)} vs {tuple(value.shape)}")
+        elif lossy_dtype(ckpt_state[key], value):  # counted with the shape mismatches: the load is refused
+            bucket(key)["shape_mismatch"].append(f"{key} dtype {ckpt_state[key].dtype} vs {value.dtype} (values lost)")
         else:
             bucket(key)["matched"].append(key)
     for key in ckpt_state:
@@ -627,13 +637,14 @@ def to_artifact(path: str | Path, arch: str | None = None, method: str | None = 
     if not report.ok and not allow_partial:
         raise CheckpointError(
             f"{path}: refused: the load would leave {report.count('missing')} trunk tensors uninitialised, "
-            f"{report.count('shape_mismatch')} with the wrong shape and {report.count('unexpected')} tensors "
-            f"that are no part of a {art.arch} trunk.\n{report.summary()}\n"
+            f"{report.count('shape_mismatch')} with the wrong shape or dtype and {report.count('unexpected')} "
+            f"tensors that are no part of a {art.arch} trunk.\n{report.summary()}\n"
             "Fix the checkpoint or its --arch (or --prefix); --allow-partial-load overrides (recorded as "
             "non-protocol).")
-    for key in [k for k in art.state_dict if k not in model_state or
-                tuple(art.state_dict[k].shape) != tuple(model_state[k].shape)]:  # only with --allow-partial-load
-        report.dropped[key] = f"no tensor of this name and shape in a {art.arch} trunk (--allow-partial-load)"
+    for key in [k for k in art.state_dict if k not in model_state or lossy_dtype(art.state_dict[k], model_state[k])
+                or tuple(art.state_dict[k].shape) != tuple(model_state[k].shape)]:  # only with --allow-partial-load
+        report.dropped[key] = (f"no tensor of this name, shape and dtype in a {art.arch} trunk "
+                               "(--allow-partial-load)")
         art.state_dict = {k: v for k, v in art.state_dict.items() if k != key}
     check_trunk_only(art, model_state)
     return art, report
@@ -673,7 +684,8 @@ def load_backbone(path: str | Path, arch: str | None = None, method: str | None 
     art, report = to_artifact(path, arch=arch, method=method, allow_partial=allow_partial, **layout_options)
     trunk = build_backbone(art.arch, **art.arch_kwargs)
     expected = trunk.state_dict()
-    usable = {k: v for k, v in art.state_dict.items() if k in expected and v.shape == expected[k].shape}
+    usable = {k: v for k, v in art.state_dict.items() if k in expected and v.shape == expected[k].shape
+              and not lossy_dtype(v, expected[k])}
     trunk.load_state_dict(usable, strict=False)
     backbone = Backbone(art, trunk)
     backbone.report = report

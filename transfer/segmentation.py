@@ -514,6 +514,49 @@ def checkpoint_safe_globals() -> list:
             (history_buffer_getattr, "builtins.getattr"), (history_buffer_getattr, "__builtin__.getattr")]
 
 
+def resume_checkpoint(work_dir: Path) -> Path:
+    """The checkpoint mmengine's `last_checkpoint` names, resolved inside `work_dir` (it holds an absolute path,
+    stale once the results folder is moved or copied); refuses a checkpoint of another folder or a truncated one."""
+    import zipfile
+
+    named = Path((work_dir / "last_checkpoint").read_text().strip())
+    path = work_dir / named.name
+    if not path.is_file():
+        raise SegmentationError(f"{work_dir / 'last_checkpoint'} names {named}, which is not in this work dir; "
+                                "rerun with --no-resume to start the trial over")
+    try:
+        with zipfile.ZipFile(path) as z:  # torch checkpoints are zip files: the central directory is at the end
+            z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise SegmentationError(f"{path}: truncated or unreadable checkpoint ({e}); delete it and "
+                                f"{work_dir / 'last_checkpoint'} to resume from an earlier one, or rerun with "
+                                "--no-resume") from None
+    return path
+
+
+from mmengine.hooks import Hook  # noqa: E402
+from mmengine.registry import HOOKS  # noqa: E402
+
+
+@HOOKS.register_module(force=True)
+class FiniteLossHook(Hook):
+    """Stops training at the first NaN/inf loss: a diverged run never becomes a record."""
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        loss = (outputs or {}).get("loss")
+        if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
+            raise SegmentationError(f"non-finite loss ({float(loss)}) at iteration {runner.iter + 1}; no record "
+                                    f"written. Lower the LR (--lr) or check the backbone; logs in {runner.work_dir}")
+
+
+def check_finite_model(model: nn.Module, work_dir: Path) -> None:
+    """After training: NaN/inf weights (a diverged run) must not become a result record."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SegmentationError(f"training diverged: {len(bad)} tensors hold NaN/inf (e.g. {bad[0]}); no record "
+                                f"written. Lower the LR (--lr) or check the backbone; logs in {work_dir}")
+
+
 def work_dir_for(opts, spec, cfg: dict, art_hash: str, seed: int, world_size: int) -> Path:
     key = json.dumps({"v": ENGINE_VERSION, "recipe": cfg, "data": str(Path(opts.data_root).resolve()),
                       "world": world_size, "weights": art_hash, "seed": seed}, sort_keys=True, default=str)
@@ -560,6 +603,9 @@ def run_segmentation(spec, backbone, cfg: dict, mode: str, seed: int, device, op
                           workers=getattr(opts, "workers", 0), world_size=world_size, device_type=device.type)
     resume = getattr(opts, "resume", True) and (work_dir / "last_checkpoint").is_file()
     config["resume"] = bool(resume)
+    config.setdefault("custom_hooks", []).append(dict(type="FiniteLossHook"))
+    if resume:  # from this work dir's own checkpoint, wherever the folder was moved or copied
+        config["load_from"] = str(resume_checkpoint(work_dir))
     dumped = plain(config)
     from mmengine.config import Config
 
@@ -570,6 +616,7 @@ def run_segmentation(spec, backbone, cfg: dict, mode: str, seed: int, device, op
             torch.serialization.safe_globals(checkpoint_safe_globals()):
         runner = Runner.from_cfg(Config(copy.deepcopy(config)))
         runner.train()
+        check_finite_model(runner.model, work_dir)
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         metrics = runner.test()
