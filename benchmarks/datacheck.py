@@ -13,12 +13,11 @@ import dataclasses
 import json
 import os
 import random
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import datasets as D
+from transfer.progress import progress
 
 # Published sizes of the real splits (images per split, number of classes), each with its source.
 REAL_SIZES = {
@@ -308,44 +307,15 @@ def _max_value(image) -> int:
     return max(e[1] for e in extrema) if isinstance(extrema[0], tuple) else extrema[1]
 
 
-def scan(tasks: list[tuple], workers: int, full: bool, progress) -> list[str | None]:
+def scan(tasks: list[tuple], workers: int, full: bool, bar) -> list[str | None]:
     """check_file over (path, max_label) tasks in a thread pool (I/O bound), reporting progress."""
     results = [None] * len(tasks)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = pool.map(lambda t: check_file(t[0], t[1], full), tasks, chunksize=64)
         for i, result in enumerate(futures):
             results[i] = result
-            progress(1)
+            bar.update(1)
     return results
-
-
-class Progress:
-    """tqdm bar on a terminal, otherwise a plain line every `every` seconds (logs, CI)."""
-
-    def __init__(self, total: int, every: float = 30.0, stream=None):
-        stream = stream or sys.stderr
-        self.total, self.done, self.every, self.stream = total, 0, every, stream
-        self.start = self.last = time.perf_counter()
-        self.bar = None
-        if stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", desc="bench data check", file=stream, dynamic_ncols=True)
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            print(f"bench data check: {self.done:,}/{self.total:,} files ({rate:.0f}/s)", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -375,7 +345,7 @@ def check(data_root, names=(), quick: int | None = None, workers: int | None = N
             items = rng.sample(items, quick)
         tasks += items
         owners += [index] * len(items)
-    bar = Progress(len(tasks), progress_every)
+    bar = progress(total=len(tasks), desc="bench data check", every=progress_every, unit="files")
     results = scan(tasks, workers or min(32, 4 * (os.cpu_count() or 1)), full, bar)
     bar.close()
     grouped = {}

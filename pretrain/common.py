@@ -594,7 +594,7 @@ def check_run_dir(cfg: dict, out: Path) -> None:
 
 def train(cfg: dict, log=print) -> Path:
     """Pretrain `cfg['method']` as configured; returns the exported artifact's path."""
-    from tqdm import tqdm
+    from transfer.progress import progress
 
     module = method_module(cfg["method"])
     device, rank, world = setup_distributed()
@@ -642,7 +642,7 @@ def train(cfg: dict, log=print) -> Path:
         step = last_saved = load_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, rank)
         log(f"resumed from {ckpt_path} at step {step}")
     stop = min(total, cfg["max_steps"] or total)
-    bar = tqdm(total=stop, initial=step, disable=rank != 0, dynamic_ncols=True, desc=cfg["method"])
+    bar = progress(total=stop, initial=step, disable=rank != 0, desc=cfg["method"], unit="step")
     log_file = open(out / "log.jsonl", "a") if rank == 0 else None
     model.train()
     evaluations = []  # scheduled checkpoint evaluations (Popen or submitit jobs); training never waits for them

@@ -34,7 +34,7 @@ def test_complete_layout_passes(mini_root, tmp_path, capsys):
     main(["data", "check", "--data-root", str(root)])  # no SystemExit: exit status 0
     out = capsys.readouterr()
     assert "bench data check: OK, 2,906 images in 13 splits" in out.out
-    assert "files (" in out.err  # periodic progress line when not on a terminal
+    assert "bench data check: 3,166/3,166 (" in out.err  # a plain progress line when not on a terminal
 
 
 def test_removed_files(mini_root, tmp_path, capsys):
