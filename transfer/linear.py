@@ -191,7 +191,7 @@ class LinearHeads(nn.Module):
         if self.scale is not None:
             # per-head affine rows share one tensor; per-head LRs are applied by gradient scaling in `fit_heads`
             groups.append({"params": [self.scale, self.shift], "lr": 1.0, "base_lr": 1.0, "weight_decay": 0.0,
-                           "affine": True})
+                           "affine": True, "lars_exclude": True})  # BN gamma/beta: 1-d per head
         return groups
 
 
@@ -206,13 +206,45 @@ def lr_factor(cfg: dict, progress: float) -> float:
     return cfg["gamma"] ** sum(progress >= m for m in cfg["milestones"])
 
 
+class LARS(torch.optim.Optimizer):
+    """MAE's LARS (facebookresearch/mae util/lars.py, from MoCo v3): every matrix parameter's update
+    (gradient + weight decay) is scaled by trust_coefficient * ||p|| / ||update||, whatever the weight decay;
+    parameters <= 1-d (and groups marked `lars_exclude`, e.g. per-head BN affine rows) get neither decay nor
+    adaptation. Heavy-ball momentum without dampening, then p -= lr * mu.
+
+    timm's `Lars` is not this: with weight decay 0 and always_adapt=False it applies no trust ratio at all, and
+    its ratio divides by ||g|| + wd ||p|| + eps instead of ||g + wd p||.
+    """
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1 and not g["lars_exclude"]:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm,
+                                                one), one)
+                    dp = dp.mul(q)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
 def make_optimizer(cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=1.0, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
     if cfg["optimizer"] == "lars":
-        from timm.optim import Lars
-
-        return Lars(groups, lr=1.0, momentum=cfg["momentum"])
+        return LARS(groups, lr=1.0, momentum=cfg["momentum"])
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r} in recipe")
 
 
