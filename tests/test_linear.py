@@ -113,7 +113,8 @@ def test_linear_head_agrees_with_sklearn(places_features):
     cfg = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": wd, "epochs": epochs,
            "milestones": [100, 130], "gamma": 0.1, "warmup_epochs": 0}
     torch.manual_seed(0)
-    heads = LinearHeads(xtr.shape[1], int(ytr.max()) + 1, 1)
+    # the optimum is init-independent (convex); starting near zero reaches it within the 150 epochs
+    heads = LinearHeads(xtr.shape[1], int(ytr.max()) + 1, 1, init="trunc_normal_0.01")
     fit_heads(heads, lambda e: feature_batches(xtr, ytr, 64, seed=e), len(xtr) // 64 + 1, cfg, [0.1], CPU)
     ours = evaluate_heads(heads, xva, yva, CPU)[0][0]
 
@@ -219,3 +220,25 @@ def test_lars_matches_mae_reference_steps():
         w, b = _lars_steps(case["lr"], case["weight_decay"], golden["init"], golden["grads"])
         torch.testing.assert_close(w, torch.tensor(case["weight"]), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(b, torch.tensor(case["bias"]), rtol=1e-6, atol=1e-6)
+
+
+def test_head_init_follows_recipe():
+    """VISSL's eval_mlp keeps nn.Linear's default init; MAE's probe draws the weight from trunc_normal(std 0.01)."""
+    from transfer.linear import head_for
+
+    class Trunk:
+        family, dim = "resnet", 32
+
+    for name in ("places205", "inat18"):
+        cfg, _ = resolve(get_spec(name), "vissl")
+        torch.manual_seed(3)
+        heads = head_for(Trunk, 7, 2, cfg)
+        torch.manual_seed(3)
+        reference = torch.nn.Linear(32, 7)
+        torch.testing.assert_close(heads.linears[0].weight, reference.weight)
+        torch.testing.assert_close(heads.linears[0].bias, reference.bias)
+    cfg, _ = resolve(get_spec("inat18"), "mae")
+    Trunk.family, Trunk.dim = "vit", 4096
+    head = head_for(Trunk, 50, 1, cfg).linears[0]
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.05) and head.weight.abs().max() <= 2.0
+    assert torch.count_nonzero(head.bias) == 0

@@ -156,6 +156,16 @@ def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, devi
 
 
 # ----------------------------------------------------------------------------------------------- heads
+def _trunc_normal_001(linear: nn.Linear) -> None:
+    """MAE main_linprobe.py: trunc_normal_(head.weight, std=0.01) (MoCo v3); timm zero-initialises the bias."""
+    nn.init.trunc_normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+
+
+# recipe key `head_init`: VISSL's eval_mlp keeps nn.Linear's default (kaiming-uniform weight, uniform bias)
+HEAD_INITS = {"default": lambda linear: None, "trunc_normal_0.01": _trunc_normal_001}
+
+
 class LinearHeads(nn.Module):
     """G independent BN + Linear heads on the same features, trained together.
 
@@ -163,15 +173,17 @@ class LinearHeads(nn.Module):
     its own affine BN parameters (when `affine`) and Linear layer, hence its own learning rate.
     """
 
-    def __init__(self, dim: int, num_classes: int, num_heads: int = 1, affine: bool = True, eps: float = 1e-5):
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 1, affine: bool = True, eps: float = 1e-5,
+                 init: str = "default"):
         super().__init__()
         self.norm = nn.BatchNorm1d(dim, affine=False, eps=eps)
         self.scale = nn.Parameter(torch.ones(num_heads, dim)) if affine else None
         self.shift = nn.Parameter(torch.zeros(num_heads, dim)) if affine else None
         self.linears = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
+        if init not in HEAD_INITS:
+            raise ValueError(f"unknown head_init {init!r} in recipe; known: {', '.join(HEAD_INITS)}")
         for linear in self.linears:
-            nn.init.normal_(linear.weight, std=0.01)
-            nn.init.zeros_(linear.bias)
+            HEAD_INITS[init](linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) features -> (G, B, C) logits."""
@@ -318,10 +330,11 @@ def scaled_lr(cfg: dict) -> float:
     return cfg["lr"] * cfg["batch_size"] / cfg["lr_batch"]
 
 
-def head_for(backbone: Backbone, num_classes: int, num_heads: int) -> LinearHeads:
+def head_for(backbone: Backbone, num_classes: int, num_heads: int, cfg: dict) -> LinearHeads:
+    init = cfg.get("head_init", "default")
     if backbone.family == "resnet":
-        return LinearHeads(backbone.dim, num_classes, num_heads, affine=True, eps=1e-5)
-    return LinearHeads(backbone.dim, num_classes, num_heads, affine=False, eps=1e-6)
+        return LinearHeads(backbone.dim, num_classes, num_heads, affine=True, eps=1e-5, init=init)
+    return LinearHeads(backbone.dim, num_classes, num_heads, affine=False, eps=1e-6, init=init)
 
 
 def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit, cfg: dict, seed: int, device,
@@ -334,7 +347,7 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
     torch.manual_seed(seed)
     rank, world = dist_info()
     backbone.eval().to(device)
-    heads = head_for(backbone, val.num_classes, 1)
+    heads = head_for(backbone, val.num_classes, 1, cfg)
     lr = scaled_lr(cfg)
     images = ImageList(train.samples, train_transform(cfg["crop_size"]), seed=seed)
     steps = math.ceil(len(images) / cfg["batch_size"])
@@ -387,7 +400,7 @@ def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, c
     base = scaled_lr(cfg)
     lrs = [base * m for m in cached["lr_multipliers"]]
     torch.manual_seed(seed)
-    heads = head_for(backbone, val.num_classes, len(lrs))
+    heads = head_for(backbone, val.num_classes, len(lrs), cfg)
     steps = math.ceil(len(fit.samples) / cfg["batch_size"])
     batches = lambda e: feature_batches(*passes[e % len(passes)], cfg["batch_size"], seed * 100003 + e)  # noqa: E731
     losses = fit_heads(heads, batches, steps, cfg, lrs, device, desc=f"{len(lrs)} heads")
