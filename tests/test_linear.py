@@ -234,7 +234,7 @@ def test_head_init_follows_recipe():
         torch.manual_seed(3)
         heads = head_for(Trunk, 7, 2, cfg)
         torch.manual_seed(3)
-        reference = torch.nn.Linear(32, 7)
+        reference = torch.nn.Linear(heads.linears[0].in_features, 7)  # places205: 2x2 res5 positions x 32
         torch.testing.assert_close(heads.linears[0].weight, reference.weight)
         torch.testing.assert_close(heads.linears[0].bias, reference.bias)
     cfg, _ = resolve(get_spec("inat18"), "mae")
@@ -242,3 +242,70 @@ def test_head_init_follows_recipe():
     head = head_for(Trunk, 50, 1, cfg).linears[0]
     assert head.weight.std().item() == pytest.approx(0.01, rel=0.05) and head.weight.abs().max() <= 2.0
     assert torch.count_nonzero(head.bias) == 0
+
+
+VISSL = json.loads((Path(__file__).parent / "fixtures" / "vissl_linear_recipes.json").read_text())
+RECIPE_KEYS = ("optimizer", "lr", "lr_batch", "batch_size", "momentum", "nesterov", "weight_decay", "epochs",
+               "milestones", "gamma", "warmup_epochs", "crop_size", "resize_size", "feature", "feature_pool")
+
+
+@pytest.mark.parametrize("benchmark, recipe, head", [("places205", "vissl", "res5"), ("inat18", "vissl", "res5avg")])
+def test_vissl_recipes_equal_reference_configs_key_by_key(benchmark, recipe, head):
+    """Fixture written by tests/fixtures/make_vissl_linear_fixture.py from VISSL's two linear configs."""
+    from transfer.linear import head_for
+
+    reference = VISSL[benchmark][head]
+    cfg, _ = resolve(get_spec(benchmark), recipe)
+    assert VISSL["source"].split("@ ")[1][:8] in cfg["source"] and VISSL[benchmark]["file"] in cfg["source"]
+    assert {k: cfg[k] for k in RECIPE_KEYS} == {k: reference[k] for k in RECIPE_KEYS}
+    assert cfg["head_init"] == "default" and reference["head_params_multiplier"] == 1.0
+
+    class ResNet50:
+        family, dim = "resnet", 2048
+
+    heads = head_for(ResNet50, 10, 1, cfg)
+    assert heads.linears[0].in_features == reference["head_in_dim"]          # 8192 (Places205) / 2048 (iNat18)
+    assert heads.norm.num_features == 2048 and heads.norm.eps == reference["head_bn_eps"]
+    # regularize_bn False / regularize_bias True: decay on the Linear's weight and bias, none on BN gamma/beta
+    groups = heads.param_groups([0.1], cfg["weight_decay"])
+    assert groups[0]["weight_decay"] == reference["weight_decay"] and groups[-1]["weight_decay"] == 0.0
+
+
+def test_places205_res5avg_recipe_is_the_vissl_schedule_with_the_pooled_head():
+    vissl, _ = resolve(get_spec("places205"), "vissl")
+    pooled, _ = resolve(get_spec("places205"), "vissl-res5avg")
+    assert {k: v for k, v in pooled.items() if k not in ("name", "source", "feature", "feature_pool")} == \
+        {k: v for k, v in vissl.items() if k not in ("name", "source", "feature", "feature_pool")}
+    assert (pooled["feature"], pooled["feature_pool"]) == ("res5avg", VISSL["inat18"]["res5avg"]["feature_pool"])
+
+
+def test_res5_head_equals_vissl_eval_mlp(random_backbone):
+    """res5 -> AvgPool2d(k, s) -> BatchNorm2d -> flatten -> Linear (VISSL eval_mlp), on a real trunk."""
+    from transfer.linear import res5_grid, res5_pooled
+    from transfer.loading import load_backbone
+
+    backbone, _ = load_backbone(random_backbone)
+    backbone.eval()
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 96, 96)   # res5 3x3 -> AvgPool2d(2, 1) -> 2x2
+    t = backbone.trunk
+    res5 = t.layer4(t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(backbone.transform(images)))))))))
+    pooled = torch.nn.AvgPool2d(2, 1)(res5)
+    with torch.no_grad():
+        feats = res5_pooled(backbone, images, (2, 1))
+    assert res5_grid(96, (2, 1)) == 4 and feats.shape == (6, backbone.dim * 4)
+    torch.testing.assert_close(feats, pooled.flatten(1))
+
+    heads = LinearHeads(feats.shape[1], 5, 1, channels=backbone.dim)
+    with torch.no_grad():
+        heads.scale.uniform_(0.5, 1.5)
+        heads.shift.uniform_(-0.5, 0.5)
+    reference = torch.nn.Sequential(torch.nn.BatchNorm2d(backbone.dim), torch.nn.Flatten(), heads.linears[0])
+    with torch.no_grad():
+        reference[0].weight.copy_(heads.scale[0])
+        reference[0].bias.copy_(heads.shift[0])
+    for train in (True, False):
+        heads.train(train), reference.train(train)
+        torch.testing.assert_close(heads(feats)[0], reference(pooled), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="feature_pool"):
+        res5_grid(64, (6, 1))

@@ -8,8 +8,10 @@
   is chosen on the held-out split of train (top-1, ties broken by held-out cross-entropy), never on val, and the
   record says which LR won.
 
-Heads: ResNet trunks get BatchNorm (affine) + Linear on res5 global-pooled features; ViT trunks get
-BatchNorm without affine (eps 1e-6) + Linear on the CLS token (MAE recipe head).
+Heads: ResNet trunks get VISSL's eval_mlp, BatchNorm2d (affine, over channels) + Linear, on the recipe's
+`feature`: `res5avg` (global average pool, 2048-d for ResNet-50) or `res5` average-pooled with AvgPool2d
+`feature_pool` = [kernel, stride] (VISSL's Places205 config: [6, 1] -> 2x2 x 2048 = 8192-d at 224 crops).
+ViT trunks get BatchNorm without affine (eps 1e-6) + Linear on the CLS token (MAE recipe head).
 """
 from __future__ import annotations
 
@@ -101,15 +103,59 @@ def gather_rows(local: torch.Tensor, index: torch.Tensor, total: int) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------- features
+def feature_pool(backbone: Backbone, cfg: dict) -> tuple[int, int] | None:
+    """(kernel, stride) of the AvgPool2d on res5 for recipe feature `res5`; None for the backbone's own pooled
+    feature (`res5avg`, and always for ViT / ConvViT trunks, whose recipes probe a token)."""
+    feature = cfg.get("feature", "res5avg")
+    if feature not in ("res5", "res5avg"):
+        raise ValueError(f"unknown linear-probe feature {feature!r} in recipe; known: res5 (with feature_pool), "
+                         "res5avg")
+    if feature == "res5avg" or backbone.family != "resnet":
+        return None
+    kernel, stride = cfg["feature_pool"]
+    return int(kernel), int(stride)
+
+
+def feature_description(backbone: Backbone, cfg: dict) -> str:
+    pool = feature_pool(backbone, cfg)
+    if pool is not None:
+        return f"res5 AvgPool2d(kernel {pool[0]}, stride {pool[1]}), flattened"
+    return {"resnet": "res5 global average pool", "convvit": "mean of the normalised stage-3 tokens",
+            "vit": "CLS token" if getattr(backbone.trunk, "global_pool", "token") == "token"
+            else "mean of the patch tokens"}[backbone.family]
+
+
+def res5_grid(crop_size: int, pool: tuple[int, int]) -> int:
+    """Positions of the pooled res5 map of a torchvision ResNet (stride 32: five halvings, rounding up)."""
+    side = crop_size
+    for _ in range(5):
+        side = (side - 1) // 2 + 1
+    if side < pool[0]:
+        raise ValueError(f"res5 is {side}x{side} at crop {crop_size}, smaller than the AvgPool2d kernel {pool[0]}; "
+                         "lower feature_pool (the tiny budgets use [1, 1]: 2x2 at 64 px, as [6, 1] at 224)")
+    return ((side - pool[0]) // pool[1] + 1) ** 2
+
+
+def res5_pooled(backbone: Backbone, images: torch.Tensor, pool: tuple[int, int]) -> torch.Tensor:
+    """VISSL's LINEAR_EVAL_FEAT_POOL_OPS_MAP res5 entry: AvgPool2d(kernel, stride) on res5, flattened (B, C*S)."""
+    t = backbone.trunk
+    x = t.maxpool(t.relu(t.bn1(t.conv1(backbone.transform(images)))))
+    x = t.layer4(t.layer3(t.layer2(t.layer1(x))))
+    return F.avg_pool2d(x, pool[0], pool[1]).flatten(1)
+
+
 @torch.no_grad()
-def trunk_features(backbone: Backbone, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Features of one batch from a backbone already in eval mode on `device`."""
+def trunk_features(backbone: Backbone, images: torch.Tensor, device: torch.device,
+                   pool: tuple[int, int] | None = None) -> torch.Tensor:
+    """Features of one batch from a backbone already in eval mode on `device` (res5 pooled by `pool` if given)."""
+    images = images.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return backbone(images.to(device, non_blocking=True)).float().cpu()
+        out = backbone(images) if pool is None else res5_pooled(backbone, images, pool)
+    return out.float().cpu()
 
 
 def extract_features(backbone: Backbone, samples, transform, device, batch_size: int, workers: int, desc: str,
-                     seed: int | None = None):
+                     seed: int | None = None, pool: tuple[int, int] | None = None):
     """Pooled trunk features (float32, CPU) and labels of every sample, in order.
 
     Under torch.distributed each rank extracts every world-th sample and the rows are gathered on all ranks.
@@ -121,32 +167,35 @@ def extract_features(backbone: Backbone, samples, transform, device, batch_size:
                       num_workers=workers, pin_memory=torch.cuda.is_available())
     feats, labels = [], []
     for images, y in tqdm(data, desc=desc, leave=False, dynamic_ncols=True, disable=rank > 0):
-        feats.append(trunk_features(backbone, images, device))
+        feats.append(trunk_features(backbone, images, device, pool))
         labels.append(torch.as_tensor(y))
     feats = torch.cat(feats) if feats else torch.empty(0, backbone.dim)
     labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
     return gather_rows(feats, mine, len(samples)), gather_rows(labels, mine, len(samples))
 
 
-def cache_key(backbone: Backbone, split: ClassificationSplit, transform, pass_seed: int | None) -> str:
-    """Hash of everything the features depend on: weights, preprocessing, samples, transform, seed."""
+def cache_key(backbone: Backbone, split: ClassificationSplit, transform, pass_seed: int | None,
+              pool: tuple[int, int] | None = None) -> str:
+    """Hash of everything the features depend on: weights, preprocessing, samples, transform, seed, pooling."""
     h = hashlib.sha256()
     meta = backbone.artifact_meta
     h.update(json.dumps([FEATURE_CACHE_VERSION, meta["weights_hash"], meta["preprocessing"], meta["arch"],
-                         split.name, split.split, repr(transform), pass_seed]).encode())
+                         split.name, split.split, repr(transform), pass_seed]
+                        + ([list(pool)] if pool is not None else [])).encode())
     for path, label in split.samples:
         h.update(f"{path}|{label}|{os.path.getsize(path)}\n".encode())
     return h.hexdigest()[:24]
 
 
-def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, device, batch_size, workers, desc):
+def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, device, batch_size, workers, desc,
+                    pool=None):
     """Features from the disk cache, extracting and caching them on a miss. Returns (feats, labels, hit)."""
-    path = cache_dir / f"{split.name}-{split.split}-{cache_key(backbone, split, transform, pass_seed)}.pt"
+    path = cache_dir / f"{split.name}-{split.split}-{cache_key(backbone, split, transform, pass_seed, pool)}.pt"
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         return blob["features"], blob["labels"], True
     feats, labels = extract_features(backbone, split.samples, transform, device, batch_size, workers, desc,
-                                     seed=pass_seed)
+                                     seed=pass_seed, pool=pool)
     if dist_info()[0] == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -170,15 +219,20 @@ class LinearHeads(nn.Module):
     """G independent BN + Linear heads on the same features, trained together.
 
     BatchNorm statistics depend only on the input, so one normalisation serves every head; each head keeps
-    its own affine BN parameters (when `affine`) and Linear layer, hence its own learning rate.
+    its own affine BN parameters (when `affine`) and Linear layer, hence its own learning rate. With `channels`
+    < dim the (B, dim) features are a flattened (B, channels, positions) map and BatchNorm runs per channel over
+    batch and positions, as VISSL's eval_mlp BatchNorm2d before its flatten + Linear.
     """
 
     def __init__(self, dim: int, num_classes: int, num_heads: int = 1, affine: bool = True, eps: float = 1e-5,
-                 init: str = "default"):
+                 init: str = "default", channels: int | None = None):
         super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=eps)
-        self.scale = nn.Parameter(torch.ones(num_heads, dim)) if affine else None
-        self.shift = nn.Parameter(torch.zeros(num_heads, dim)) if affine else None
+        self.channels = channels or dim
+        if dim % self.channels:
+            raise ValueError(f"feature dim {dim} is not a multiple of {self.channels} channels")
+        self.norm = nn.BatchNorm1d(self.channels, affine=False, eps=eps)
+        self.scale = nn.Parameter(torch.ones(num_heads, self.channels)) if affine else None
+        self.shift = nn.Parameter(torch.zeros(num_heads, self.channels)) if affine else None
         self.linears = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
         if init not in HEAD_INITS:
             raise ValueError(f"unknown head_init {init!r} in recipe; known: {', '.join(HEAD_INITS)}")
@@ -187,11 +241,14 @@ class LinearHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) features -> (G, B, C) logits."""
-        x = self.norm(x)
+        if self.channels == x.shape[1]:
+            x, per_channel = self.norm(x), lambda t: t
+        else:
+            x, per_channel = self.norm(x.view(len(x), self.channels, -1)), lambda t: t[:, None]
         outs = []
         for g, linear in enumerate(self.linears):
-            xg = x * self.scale[g] + self.shift[g] if self.scale is not None else x
-            outs.append(linear(xg))
+            xg = x * per_channel(self.scale[g]) + per_channel(self.shift[g]) if self.scale is not None else x
+            outs.append(linear(xg.flatten(1)))
         return torch.stack(outs)
 
     def param_groups(self, lrs: list[float], weight_decay: float) -> list[dict]:
@@ -331,9 +388,14 @@ def scaled_lr(cfg: dict) -> float:
 
 
 def head_for(backbone: Backbone, num_classes: int, num_heads: int, cfg: dict) -> LinearHeads:
+    """The recipe's head: VISSL eval_mlp (BatchNorm2d affine eps 1e-5 over channels + Linear) on ResNet features,
+    MAE's BatchNorm1d(affine=False, eps 1e-6) + Linear on ViT / ConvViT tokens."""
     init = cfg.get("head_init", "default")
     if backbone.family == "resnet":
-        return LinearHeads(backbone.dim, num_classes, num_heads, affine=True, eps=1e-5, init=init)
+        pool = feature_pool(backbone, cfg)
+        positions = res5_grid(cfg["crop_size"], pool) if pool is not None else 1
+        return LinearHeads(backbone.dim * positions, num_classes, num_heads, affine=True, eps=1e-5, init=init,
+                           channels=backbone.dim)
     return LinearHeads(backbone.dim, num_classes, num_heads, affine=False, eps=1e-6, init=init)
 
 
@@ -348,6 +410,7 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
     rank, world = dist_info()
     backbone.eval().to(device)
     heads = head_for(backbone, val.num_classes, 1, cfg)
+    pool = feature_pool(backbone, cfg)
     lr = scaled_lr(cfg)
     images = ImageList(train.samples, train_transform(cfg["crop_size"]), seed=seed)
     steps = math.ceil(len(images) / cfg["batch_size"])
@@ -361,14 +424,15 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
         data = DataLoader(images, batch_sampler=shards, num_workers=workers, pin_memory=torch.cuda.is_available())
         for batch, (x, y) in zip(batches, data):
             local = torch.arange(rank, len(batch), world)
-            yield (gather_rows(trunk_features(backbone, x, device), local, len(batch)),
+            yield (gather_rows(trunk_features(backbone, x, device, pool), local, len(batch)),
                    gather_rows(torch.as_tensor(y), local, len(batch)))
 
     t0 = time.perf_counter()
     losses = fit_heads(heads, epoch_batches, steps, cfg, [lr], device, desc="protocol epochs")
     t_train = time.perf_counter() - t0
     val_feats, val_labels = extract_features(backbone, val.samples, test_transform(cfg["resize_size"],
-                                             cfg["crop_size"]), device, cfg["batch_size"], workers, "val features")
+                                             cfg["crop_size"]), device, cfg["batch_size"], workers, "val features",
+                                             pool=pool)
     top1, top5, _ = evaluate_heads(heads, val_feats, val_labels, device)
     return {"metrics": {"top1": top1[0], "top5": top5[0]},
             "extra": {"lr": lr, "final_loss": losses[-1], "steps": len(losses), "world_size": world},
@@ -385,7 +449,8 @@ def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, c
     hold = ClassificationSplit(train.name, "train", [train.samples[i] for i in hold_idx], train.num_classes,
                                train.class_names)
     test_tf = test_transform(cfg["resize_size"], cfg["crop_size"])
-    common = dict(cache_dir=cache_dir, device=device, batch_size=max(cfg["batch_size"], 64), workers=workers)
+    common = dict(cache_dir=cache_dir, device=device, batch_size=max(cfg["batch_size"], 64), workers=workers,
+                  pool=feature_pool(backbone, cfg))
     hits = []
     passes = []
     for k in range(cached["augmented_passes"]):
