@@ -144,7 +144,11 @@ def test_cached_mode_end_to_end_and_cache_hits(mini_root, random_backbone, tmp_p
     assert first["config"]["recipe"]["epochs"] == 4 and first["config"]["recipe"]["weight_decay"] == 5e-4
     trials = _run(mini_root, random_backbone, tmp_path, mode="cached", overrides={"epochs": 4}, trials=2)
     assert [t["trial"] for t in trials] == [0, 1] and [t["seed"] for t in trials] == [0, 1]
-    assert all(t["extra"]["feature_cache"]["hits"] == t["extra"]["feature_cache"]["lookups"] for t in trials)
+    cache = [t["extra"]["feature_cache"] for t in trials]
+    assert cache[0]["hits"] == cache[0]["lookups"]  # trial 0: seed 0's passes, split and val, all cached
+    assert cache[1]["hits"] == 1  # trial 1 draws its own passes and held-out split; only val is shared
+    assert [t["extra"]["feature_passes"]["seed"] for t in trials] == [0, 1]
+    assert all(t["extra"]["feature_passes"]["per_trial"] for t in trials)
     assert trials[0]["metrics"] == first["metrics"]  # same seed, same cached features: same numbers
 
 

@@ -440,8 +440,14 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
 
 
 def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, cfg: dict, cached: dict, seed: int,
-               device, workers: int, cache_dir: Path, feature_seed: int = 0) -> dict:
-    """Cached features + a grid of heads over LRs, the LR chosen on a held-out split of train."""
+               device, workers: int, cache_dir: Path, feature_seed: int | None = None) -> dict:
+    """Cached features + a grid of heads over LRs, the LR chosen on a held-out split of train.
+
+    The augmented passes and the held-out split are drawn from `feature_seed`: by default the trial's seed
+    (`cached.per_trial_passes`, default true), so the spread of trials includes augmentation and split variance
+    as protocol trials do; with per_trial_passes false every trial reuses seed 0's passes from the cache."""
+    if feature_seed is None:
+        feature_seed = seed if cached.get("per_trial_passes", True) else 0
     t0 = time.perf_counter()
     fit_idx, hold_idx = holdout_split(len(train.samples), cached["holdout_fraction"], feature_seed)
     fit = ClassificationSplit(train.name, "train", [train.samples[i] for i in fit_idx], train.num_classes,
@@ -478,9 +484,17 @@ def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, c
             "extra": {"lr_selection": {"chosen_lr": lrs[best], "recipe_lr": base, "split": "held-out train",
                                        "holdout_size": len(hold.samples), "fit_size": len(fit.samples),
                                        "heldout_top1_by_lr": dict(zip(map(str, lrs), hold_top1)),
-                                       "heldout_loss_by_lr": dict(zip(map(str, lrs), hold_loss))},
+                                       "heldout_loss_by_lr": dict(zip(map(str, lrs), hold_loss)),
+                                       # diagnostics only (never used to choose): every grid head's val top-1
+                                       "val_top1_by_lr": dict(zip(map(str, lrs), top1))},
                       "feature_cache": {"dir": str(cache_dir), "hits": sum(hits) + hit_h + hit_v,
                                         "lookups": len(hits) + 2},
+                      "feature_passes": {"count": len(passes), "seed": feature_seed,
+                                         "per_trial": feature_seed == seed and cached.get("per_trial_passes", True),
+                                         "why": "passes and held-out split drawn per trial: trial spread includes "
+                                                "augmentation variance" if cached.get("per_trial_passes", True)
+                                         else "one set of passes for every trial (cache reuse); trial spread "
+                                              "leaves out augmentation and split variance"},
                       "final_loss": losses[-1], "steps": len(losses)},
             "timings": {"features_s": t_feat, "train_s": t_train,
                         "eval_s": time.perf_counter() - t0 - t_feat - t_train}}
