@@ -51,8 +51,9 @@ def test_voc_boxes_and_scores_rounded_as_detectron2_writes_them():
     """PascalVOCDetectionEvaluator writes f"{score:.3f} {xmin+1:.1f} {ymin+1:.1f} {xmax:.1f} {ymax:.1f}" and
     voc_eval reads that back: a box 5.04 px tall (IoU .504 > .5 unrounded) is stored as 5.0 (IoU .5, not > .5)."""
     records = [{"image_id": "a", "annotations": [{"bbox": [0, 0, 10, 10], "category_id": 0}]}]
-    metrics, _ = voc_metrics(records, {"a": {"boxes": [[0, 0, 10, 5.04]], "scores": [0.9], "labels": [0]}}, ["x"])
-    assert metrics["AP50"] == 0.0
+    for box in ([0, 0, 10, 5.04], [0, 0, 5.04, 10], [4.96, 0, 10, 10], [0, 4.96, 10, 10]):  # each side rounded
+        metrics, _ = voc_metrics(records, {"a": {"boxes": [box], "scores": [0.9], "labels": [0]}}, ["x"])
+        assert metrics["AP50"] == 0.0, box
     metrics, _ = voc_metrics(records, {"a": {"boxes": [[0.04, 0, 10, 5.06]], "scores": [0.9], "labels": [0]}},
                              ["x"])  # xmin+1 = 1.04 -> 1.0, ymax 5.06 -> 5.1: IoU .51
     assert metrics["AP50"] == 100.0
