@@ -313,3 +313,22 @@ def test_res5_head_equals_vissl_eval_mlp(random_backbone):
         torch.testing.assert_close(heads(feats)[0], reference(pooled), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="feature_pool"):
         res5_grid(64, (6, 1))
+
+
+def test_cached_refit_trains_one_head_on_all_of_train(mini_root, random_backbone, tmp_path):
+    """cached.refit: after the held-out LR choice, one head at that LR on the fit passes + held-out passes."""
+    from benchmarks.datasets import load_classification
+    from transfer.linear import run_cached
+    from transfer.loading import load_backbone
+
+    backbone, _ = load_backbone(random_backbone)
+    cfg, _ = resolve(get_spec("places205"), "vissl", "tiny", {"epochs": 2})
+    cached = {**get_spec("places205").extra["cached"], "refit": True}
+    train, val = (load_classification("places205", mini_root, s) for s in ("train", "val"))
+    result = run_cached(backbone, train, val, cfg, cached, 0, CPU, 0, tmp_path)
+    sel = result["extra"]["lr_selection"]
+    assert sel["refit"]["lr"] == sel["chosen_lr"] and sel["refit"]["train_size"] == len(train.samples)
+    full_batches = [b for b in range(0, len(train.samples), cfg["batch_size"]) if len(train.samples) - b > 1]
+    assert sel["refit"]["steps"] == 2 * len(full_batches)  # 2 epochs over all of train
+    assert sel["refit"]["grid_head_top1"] == sel["val_top1_by_lr"][str(sel["chosen_lr"])]  # both recorded
+    assert sel["refit"]["features_s"] > 0 and result["extra"]["feature_cache"]["lookups"] == 4 + 2
