@@ -457,7 +457,10 @@ def test_dumped_config_reevaluates_with_mmseg_tools(resnet_run, tmp_path):
 
     from mmengine.config import Config
 
-    record, _ = resnet_run
+    first, out = resnet_run
+    # the newest record of that work dir: test_resume_from_mmengine_checkpoint may have retrained iter_6 since
+    records = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    record = [r for r in records if r.get("extra", {}).get("work_dir") == first["extra"]["work_dir"]][-1]
     config = Config.fromfile(record["extra"]["config_file"])  # imports transfer.mmseg_reuse (custom_imports)
     assert config.custom_imports["imports"] == ["transfer.mmseg_reuse"]
     assert config.test_pipeline == config.test_dataloader.dataset.pipeline
