@@ -332,3 +332,40 @@ def test_cached_refit_trains_one_head_on_all_of_train(mini_root, random_backbone
     assert sel["refit"]["steps"] == 2 * len(full_batches)  # 2 epochs over all of train
     assert sel["refit"]["grid_head_top1"] == sel["val_top1_by_lr"][str(sel["chosen_lr"])]  # both recorded
     assert sel["refit"]["features_s"] > 0 and result["extra"]["feature_cache"]["lookups"] == 4 + 2
+
+
+def test_mae_recipe_crops_as_mae_util_crop_with_bicubic():
+    """MAE's main_linprobe.py: util/crop.py RandomResizedCrop(224, interpolation=3), Resize(256, interpolation=3);
+    VISSL: torchvision's crop and Resize, bilinear. The draw below copies util/crop.py's get_params equations."""
+    import math as m
+
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+
+    from transfer.linear import MAERandomResizedCrop, recipe_transforms
+
+    def mae_get_params(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        target_area = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = min(int(round(m.sqrt(target_area * aspect_ratio))), width)
+        h = min(int(round(m.sqrt(target_area / aspect_ratio))), height)
+        return (torch.randint(0, height - h + 1, size=(1,)).item(), torch.randint(0, width - w + 1, size=(1,)).item(),
+                h, w)
+
+    crop = MAERandomResizedCrop(64)
+    for seed, (height, width) in enumerate([(100, 150), (37, 300), (300, 20)]):  # the last two clamp a side
+        torch.manual_seed(seed)
+        ours = crop.params(height, width)
+        torch.manual_seed(seed)
+        assert ours == mae_get_params(height, width)
+    mae_train, mae_test = recipe_transforms(resolve(get_spec("inat18"), "mae")[0])
+    assert isinstance(mae_train.transforms[0], MAERandomResizedCrop)
+    assert mae_train.transforms[0].interpolation == mae_test.transforms[0].interpolation == \
+        T.InterpolationMode.BICUBIC
+    image = Image.new("RGB", (300, 37), (10, 200, 30))
+    assert mae_train(image).shape == (3, 224, 224) and mae_test(image).shape == (3, 224, 224)
+    vissl_train, vissl_test = recipe_transforms(resolve(get_spec("places205"), "vissl")[0])
+    assert type(vissl_train.transforms[0]) is T.RandomResizedCrop
+    assert vissl_train.transforms[0].interpolation == vissl_test.transforms[0].interpolation == \
+        T.InterpolationMode.BILINEAR

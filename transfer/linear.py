@@ -61,14 +61,52 @@ class ImageList(Dataset):
             return self.transform(image), label
 
 
-def train_transform(crop_size: int) -> T.Compose:
-    return T.Compose([T.RandomResizedCrop(crop_size, antialias=True), T.RandomHorizontalFlip(),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+class MAERandomResizedCrop(torch.nn.Module):
+    """MAE's util/crop.py RandomResizedCrop (BYOL's TF sampling): one draw of area and log-aspect, sides rounded
+    and clamped to the image, no retry loop (torchvision retries 10 times, then centre-crops)."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC):
+        super().__init__()
+        self.size, self.scale, self.ratio, self.interpolation = size, scale, ratio, interpolation
+
+    def params(self, height: int, width: int) -> tuple[int, int, int, int]:
+        target_area = height * width * torch.empty(1).uniform_(*self.scale).item()
+        log_ratio = torch.log(torch.tensor(self.ratio))
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = min(int(round(math.sqrt(target_area * aspect))), width)
+        h = min(int(round(math.sqrt(target_area / aspect))), height)
+        i = torch.randint(0, height - h + 1, size=(1,)).item()
+        j = torch.randint(0, width - w + 1, size=(1,)).item()
+        return i, j, h, w
+
+    def forward(self, image):
+        height, width = T.functional.get_size(image)
+        i, j, h, w = self.params(height, width)
+        return T.functional.resized_crop(image, i, j, h, w, [self.size, self.size], self.interpolation,
+                                         antialias=True)
+
+    def __repr__(self) -> str:
+        return f"MAERandomResizedCrop(size={self.size}, interpolation={self.interpolation.value})"
 
 
-def test_transform(resize_size: int, crop_size: int) -> T.Compose:
-    return T.Compose([T.Resize(resize_size, antialias=True), T.CenterCrop(crop_size),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+def train_transform(crop_size: int, crop: str = "torchvision", interpolation: str = "bilinear") -> T.Compose:
+    """RandomResizedCrop + flip. Recipe keys: `crop` torchvision (VISSL) | mae (util/crop.py), `interpolation`."""
+    mode = T.InterpolationMode(interpolation)
+    cropper = (MAERandomResizedCrop(crop_size, interpolation=mode) if crop == "mae"
+               else T.RandomResizedCrop(crop_size, interpolation=mode, antialias=True))
+    return T.Compose([cropper, T.RandomHorizontalFlip(), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+
+
+def test_transform(resize_size: int, crop_size: int, interpolation: str = "bilinear") -> T.Compose:
+    return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode(interpolation), antialias=True),
+                      T.CenterCrop(crop_size), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+
+
+def recipe_transforms(cfg: dict) -> tuple[T.Compose, T.Compose]:
+    """(train, test) transforms of a resolved linear recipe."""
+    interpolation = cfg.get("interpolation", "bilinear")
+    return (train_transform(cfg["crop_size"], cfg.get("crop", "torchvision"), interpolation),
+            test_transform(cfg["resize_size"], cfg["crop_size"], interpolation))
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -412,7 +450,8 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
     heads = head_for(backbone, val.num_classes, 1, cfg)
     pool = feature_pool(backbone, cfg)
     lr = scaled_lr(cfg)
-    images = ImageList(train.samples, train_transform(cfg["crop_size"]), seed=seed)
+    train_tf, test_tf = recipe_transforms(cfg)
+    images = ImageList(train.samples, train_tf, seed=seed)
     steps = math.ceil(len(images) / cfg["batch_size"])
 
     def epoch_batches(epoch):
@@ -430,9 +469,8 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
     t0 = time.perf_counter()
     losses = fit_heads(heads, epoch_batches, steps, cfg, [lr], device, desc="protocol epochs")
     t_train = time.perf_counter() - t0
-    val_feats, val_labels = extract_features(backbone, val.samples, test_transform(cfg["resize_size"],
-                                             cfg["crop_size"]), device, cfg["batch_size"], workers, "val features",
-                                             pool=pool)
+    val_feats, val_labels = extract_features(backbone, val.samples, test_tf, device, cfg["batch_size"], workers,
+                                             "val features", pool=pool)
     top1, top5, _ = evaluate_heads(heads, val_feats, val_labels, device)
     return {"metrics": {"top1": top1[0], "top5": top5[0]},
             "extra": {"lr": lr, "final_loss": losses[-1], "steps": len(losses), "world_size": world},
@@ -454,13 +492,13 @@ def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, c
                               train.class_names)
     hold = ClassificationSplit(train.name, "train", [train.samples[i] for i in hold_idx], train.num_classes,
                                train.class_names)
-    test_tf = test_transform(cfg["resize_size"], cfg["crop_size"])
+    train_tf, test_tf = recipe_transforms(cfg)
     common = dict(cache_dir=cache_dir, device=device, batch_size=max(cfg["batch_size"], 64), workers=workers,
                   pool=feature_pool(backbone, cfg))
     hits = []
     passes = []
     for k in range(cached["augmented_passes"]):
-        f, y, hit = cached_features(backbone, fit, train_transform(cfg["crop_size"]), feature_seed * 1000 + k,
+        f, y, hit = cached_features(backbone, fit, train_tf, feature_seed * 1000 + k,
                                     desc=f"train features (pass {k + 1})", **common)
         passes.append((f, y))
         hits.append(hit)
@@ -516,7 +554,7 @@ def refit_head(backbone, train, hold, passes, cfg, cached, lr, seed, feature_see
     t0 = time.perf_counter()
     full = []
     for k, (f, y) in enumerate(passes):
-        hf, hy, _ = cached_features(backbone, hold, train_transform(cfg["crop_size"]), feature_seed * 1000 + k,
+        hf, hy, _ = cached_features(backbone, hold, recipe_transforms(cfg)[0], feature_seed * 1000 + k,
                                     desc=f"held-out train features (pass {k + 1})", **common)
         full.append((torch.cat([f, hf]), torch.cat([y, hy])))
     t_feat = time.perf_counter() - t0
