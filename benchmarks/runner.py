@@ -141,9 +141,7 @@ def run_linear(spec: BenchmarkSpec, backbone, cfg: dict, mode: str, seed: int, d
     train = load_classification(spec.dataset, opts.data_root, "train")
     val = load_classification(spec.dataset, opts.data_root, "val")
     engine_cfg = {"name": "torch-linear", "head": "bn+linear" if backbone.family == "resnet" else "bn(no affine)+linear",
-                  "features": {"resnet": "res5 global average pool", "convvit": "mean of the normalised stage-3 tokens",
-                               "vit": "CLS token" if getattr(backbone.trunk, "global_pool", "token") == "token"
-                               else "mean of the patch tokens"}[backbone.family],
+                  "features": linear.feature_description(backbone, cfg),
                   "num_classes": val.num_classes, "train_images": len(train.samples),
                   "val_images": len(val.samples), "evaluation": "after the last epoch"}
     if mode == "protocol":

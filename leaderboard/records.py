@@ -53,6 +53,12 @@ class RecordWarning(UserWarning):
 
 # ---------------------------------------------------------------------------------------------------- creation
 
+def is_protocol(mode, overrides, allow_partial_load) -> bool:
+    """A run is the protocol only as the reference runs it: not in cached mode (fixed augmented passes, LR chosen
+    on a held-out split, heads fit on part of train), with no overrides and a complete checkpoint load."""
+    return mode != "cached" and not overrides and allow_partial_load is False
+
+
 def new_record(*, benchmark, task, recipe, engine, mode, backbone: dict, trial: int, seed: int, metrics: dict,
                config: dict, overrides: dict | None = None, allow_partial_load=False, timings: dict | None = None,
                extra: dict | None = None) -> dict:
@@ -66,7 +72,7 @@ def new_record(*, benchmark, task, recipe, engine, mode, backbone: dict, trial: 
         "backbone": _plain("backbone", backbone),
         "trial": _int(trial), "seed": _int(seed),
         "metrics": _metrics(metrics),
-        "protocol": not overrides and not allow_partial_load,
+        "protocol": is_protocol(mode, overrides, allow_partial_load),
         "overrides": overrides,
         "allow_partial_load": allow_partial_load,
         "config": _plain("config", config),
@@ -185,10 +191,10 @@ def _field_errors(rec: dict) -> list[str]:
         errors += _metric_errors(rec["metrics"])
     if not isinstance(rec["allow_partial_load"], bool):
         errors.append("allow_partial_load must be true or false")
-    expected = not rec["overrides"] and rec["allow_partial_load"] is False
+    expected = is_protocol(rec["mode"], rec["overrides"], rec["allow_partial_load"])
     if rec["protocol"] is not expected:
-        errors.append(f"protocol must be {str(expected).lower()} (true only without overrides and without "
-                      f"allow_partial_load), got {rec['protocol']!r}")
+        errors.append(f"protocol must be {str(expected).lower()} (true only outside cached mode, without overrides "
+                      f"and without allow_partial_load), got {rec['protocol']!r}")
     return errors
 
 

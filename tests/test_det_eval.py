@@ -47,6 +47,23 @@ def test_duplicates_and_iou_thresholds():
     assert metrics == pytest.approx({"AP": 30.0, "AP50": 100.0, "AP75": 0.0})
 
 
+def test_voc_boxes_and_scores_rounded_as_detectron2_writes_them():
+    """PascalVOCDetectionEvaluator writes f"{score:.3f} {xmin+1:.1f} {ymin+1:.1f} {xmax:.1f} {ymax:.1f}" and
+    voc_eval reads that back: a box 5.04 px tall (IoU .504 > .5 unrounded) is stored as 5.0 (IoU .5, not > .5)."""
+    records = [{"image_id": "a", "annotations": [{"bbox": [0, 0, 10, 10], "category_id": 0}]}]
+    for box in ([0, 0, 10, 5.04], [0, 0, 5.04, 10], [4.96, 0, 10, 10], [0, 4.96, 10, 10]):  # each side rounded
+        metrics, _ = voc_metrics(records, {"a": {"boxes": [box], "scores": [0.9], "labels": [0]}}, ["x"])
+        assert metrics["AP50"] == 0.0, box
+    metrics, _ = voc_metrics(records, {"a": {"boxes": [[0.04, 0, 10, 5.06]], "scores": [0.9], "labels": [0]}},
+                             ["x"])  # xmin+1 = 1.04 -> 1.0, ymax 5.06 -> 5.1: IoU .51
+    assert metrics["AP50"] == 100.0
+    # scores 0.9004 (FP) and 0.9001 (TP) both become 0.900: the tie falls to voc_eval's argsort (file order)
+    two = {"a": {"boxes": [[50, 50, 60, 60], [0, 0, 10, 10]], "scores": [0.9004, 0.9001], "labels": [0, 0]}}
+    assert voc_metrics(records, two, ["x"])[0]["AP50"] == pytest.approx(50.0)  # FP, then TP: precision .5
+    flipped = {"a": {"boxes": [[0, 0, 10, 10], [50, 50, 60, 60]], "scores": [0.9001, 0.9004], "labels": [0, 0]}}
+    assert voc_metrics(records, flipped, ["x"])[0]["AP50"] == pytest.approx(100.0)
+
+
 def test_voc_metrics_average_classes_with_positives():
     records = [{"image_id": 1, "annotations": [{"bbox": [0, 0, 10, 10], "category_id": 0},
                                                {"bbox": [20, 20, 40, 40], "category_id": 1, "difficult": False}]},

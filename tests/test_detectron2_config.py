@@ -176,3 +176,50 @@ def test_another_global_batch_follows_the_linear_scaling_rule():
     # the reference batch changes nothing; linear probes scale their LR at run time (lr_batch)
     assert "linear_scaling" not in resolve(get_spec("voc07+12"), "moco", overrides={"batch_size": 16})[0]
     assert "linear_scaling" not in resolve(get_spec("places205"), "vissl", overrides={"batch_size": 64})[0]
+
+
+def test_undefined_detectron2_stats_are_left_out():
+    """LVISEvaluator multiplies LVISEval's -1 (no large objects in the split, say) by 100; COCOEvaluator gives NaN."""
+    from transfer.detectron2_engine import _finite, metrics_from
+
+    results = {"bbox": {"AP": 12.5, "AP50": 30.0, "APl": -100.0, "APs": float("nan"), "APr": 0.0, "AP-cat": 3.0}}
+    assert metrics_from(results, "lvis") == {"APbb": 12.5, "APbb50": 30.0, "APbbr": 0.0}
+    assert _finite(results)["bbox"]["APl"] is None and _finite(results)["bbox"]["APs"] is None
+
+
+def test_lvis_evaluation_runs_with_numpy_aliases():
+    """detectron2's LVISEvaluator.evaluate() runs lvis 0.5.3, which calls np.float (removed in NumPy 1.24)."""
+    import numpy as np
+
+    from transfer.detectron2_engine import NumpyAliased
+
+    class UsesNpFloat:  # stands in for LVISEvaluator: evaluate() reaches lvis' np.float
+        def reset(self):
+            self.seen = []
+
+        def process(self, inputs, outputs):
+            self.seen.append((inputs, outputs))
+
+        def evaluate(self):
+            return {"bbox": {"AP": np.float(len(self.seen))}}
+
+    evaluator = NumpyAliased(UsesNpFloat())
+    evaluator.reset()
+    evaluator.process([1], [2])
+    assert evaluator.evaluate() == {"bbox": {"AP": 1.0}}
+    assert "float" not in np.__dict__  # the alias is gone again
+
+
+def test_results_leave_detectron2_training_log_alone(tmp_path):
+    """OUTPUT_DIR/metrics.json is detectron2's per-iteration log; bench reads s/iter from it, writes elsewhere."""
+    import json
+
+    from transfer.detectron2_engine import RESULTS_FILE, iteration_timing
+
+    assert RESULTS_FILE != "metrics.json"
+    rows = [{"iteration": 19, "time": 0.30, "data_time": 0.01, "total_loss": 2.0},
+            {"iteration": 39, "time": 0.20, "total_loss": 1.5}, {"iteration": 59, "time": 0.25},
+            {"bench_voc_2007_test/bbox/AP": 1.0, "iteration": 59}]  # eval row, no time
+    (tmp_path / "metrics.json").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    assert iteration_timing(tmp_path) == {"s_per_iter": pytest.approx(0.25), "logged_iters": 3}
+    assert iteration_timing(tmp_path / "missing") == {}

@@ -40,16 +40,23 @@ def table_rows(markdown: str, title: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------------ records
 
+def test_cached_mode_is_never_the_protocol():
+    assert record(mode="cached")["protocol"] is False
+    assert record(mode="protocol")["protocol"] is True
+    with pytest.raises(RecordError, match="cached"):
+        validate_record({**record(mode="cached"), "protocol": True})
+
+
 def test_new_record_fills_provenance_and_protocol():
-    rec = record()
+    rec = record(mode="protocol")
     assert rec["schema"] == SCHEMA and len(rec["run_id"]) == 32 and rec["created"].endswith("+00:00")
     assert rec["protocol"] is True and rec["overrides"] == {} and rec["allow_partial_load"] is False
     assert {"python", "torch", "numpy", "pandas"} <= set(rec["versions"])
     assert rec["versions"]["pandas"] == pd.__version__
     assert isinstance(rec["git_rev"], str) and rec["git_rev"] and rec["host"]
     assert rec["config"]["milestones"] == [4, 8, 12]  # stored as plain JSON
-    assert record(overrides={"epochs": 2})["protocol"] is False
-    assert record(allow_partial_load=True)["protocol"] is False
+    assert record(mode="protocol", overrides={"epochs": 2})["protocol"] is False
+    assert record(mode="protocol", allow_partial_load=True)["protocol"] is False
     assert record(metrics={"top1": np.float32(12.5)})["metrics"] == {"top1": 12.5}
 
 
@@ -94,7 +101,7 @@ def test_validation_rejects_missing_fields(field):
 
 
 def test_validation_rejects_inconsistent_or_malformed_records(tmp_path):
-    rec = record()
+    rec = record(mode="protocol")
     validate_record(rec)
     with pytest.raises(RecordError, match="protocol"):
         validate_record({**rec, "overrides": {"epochs": 2}})  # protocol still true

@@ -60,9 +60,10 @@ PROTOCOL = {  # shared/PROTOCOLS.md, ADE20K section
     "vit-b": dict(optimizer="adamw", lr=1e-4, betas=[0.9, 0.999], weight_decay=0.05, layer_decay_rate=0.65,
                   layer_decay_num_layers=12, drop_path_rate=0.1, warmup_iters=1500, min_lr=0.0, batch_size=16,
                   out_indices=[3, 5, 7, 11], neck_rescales=[4, 2, 1, 0.5], decode_channels=768, test_mode="slide",
-                  test_stride=256, max_iters=160000, crop_size=512),
+                  test_stride=341, max_iters=160000, crop_size=512, rel_pos_bias=True, amp=False),
     "convvit-b": dict(layer_decay_rate=0.75, layer_decay_num_layers=11, drop_path_rate=0.2, optimizer="adamw",
-                      lr=1e-4, weight_decay=0.05, max_iters=160000, decode_channels=768),
+                      lr=1e-4, weight_decay=0.05, max_iters=160000, decode_channels=768, test_stride=341,
+                      rel_pos_bias=True),
 }
 COMMON = dict(scale=[2048, 512], ratio_range=[0.5, 2.0], cat_max_ratio=0.75, flip_prob=0.5,
               photometric_distortion=True, test_scale=[2048, 512], reduce_zero_label=True, num_classes=150)
@@ -95,6 +96,7 @@ def config_value(config: dict, key: str):
         "out_indices": lambda: model["backbone"].get("out_indices"),
         "drop_path_rate": lambda: model["backbone"].get("drop_path_rate", 0.0),
         "layer_scale_init": lambda: model["backbone"].get("layer_scale_init"),
+        "rel_pos_bias": lambda: model["backbone"].get("rel_pos_bias", False),
         "reduce_zero_label": lambda: _pipeline(config, "train", "LoadAnnotations")["reduce_zero_label"],
         "scale": lambda: list(_pipeline(config, "train", "RandomResize")["scale"]),
         "ratio_range": lambda: list(_pipeline(config, "train", "RandomResize")["ratio_range"]),
@@ -288,18 +290,19 @@ def test_vit_end_to_end(artifacts, ade_root, tmp_path):
     config = record["config"]["engine"]["config"]
     assert_config_matches(config, record["config"]["recipe"])
     assert config["model"]["neck"]["type"] == "Feature2Pyramid"
-    assert config["model"]["test_cfg"] == {"mode": "slide", "crop_size": [64, 64], "stride": [256, 256]}
+    assert config["model"]["test_cfg"] == {"mode": "slide", "crop_size": [64, 64], "stride": [341, 341]}
+    assert record["extra"]["precision"] == "fp32 (OptimWrapper)" == record["config"]["engine"]["precision"]
     assert config["optim_wrapper"]["constructor"] == "LayerDecayOptimizerConstructor"
 
 
 # ----------------------------------------------------------------------------------------------- model pieces
-def _model_and_optimizer(artifact, recipe, tmp_path):
+def _model_and_optimizer(artifact, recipe, tmp_path, **overrides):
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
 
     init_default_scope("mmseg")
     spec = get_spec("ade20k")
-    cfg, _ = resolve(spec, recipe, "tiny")
+    cfg, _ = resolve(spec, recipe, "tiny", overrides)
     backbone, _ = load_backbone(artifact)
     from transfer.artifact import read_artifact
 
@@ -347,6 +350,11 @@ def test_convvit_layer_decay_rates_use_real_blocks(artifacts, tmp_path):
             layer = (int(m.group(1)) + 1 if m else
                      0 if name.startswith(("backbone.patch_embed", "backbone.blocks1", "backbone.blocks2")) else 3)
             assert group["lr"] == pytest.approx(base_lr * 0.75 ** (3 - layer)), name
+    outs = model.backbone(torch.randn(2, 3, 64, 64))  # the crop: the relative position bias's window
+    assert [o.shape[1] for o in outs] == [32, 48, 96, 96] and outs[0].shape[-2:] == (16, 16)
+    with pytest.raises(seg.SegmentationError, match="window"):
+        model.backbone(torch.randn(1, 3, 80, 48))
+    model, *_ = _model_and_optimizer(artifacts["convvit_tiny"], "convvit-b", tmp_path, rel_pos_bias=False)
     x = torch.randn(1, 3, 80, 48)  # not a multiple of the crop: padded, position table resampled
     outs = model.backbone(x)
     assert [o.shape[1] for o in outs] == [32, 48, 96, 96] and outs[0].shape[-2:] == (20, 12)
@@ -394,3 +402,91 @@ def test_vit_checkpoint_without_blocks_is_refused(artifacts, ade_root, tmp_path)
     with pytest.raises(CheckpointError, match="refused"):
         run_benchmark(opts, log=lambda *a, **k: None)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- relative position bias
+def test_rel_pos_bias_attention_equals_mmseg_mae_attention():
+    """bench's timm Attention + bias equals mmseg 1.2.2's MAEAttention (BEiT index with class-token rows) on the
+    same weights and a random (trained-looking) table; the table starts at zero as MAEAttention.init_weights."""
+    from mmseg.models.backbones.mae import MAEAttention
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    dim, heads, window = 32, 4, (3, 4)
+    block = Block(dim, heads, qkv_bias=True)
+    seg.add_rel_pos_bias([block], window, num_prefix_tokens=1)
+    attn = block.attn
+    reference = MAEAttention(dim, heads, window, bias="qv_bias")
+    reference.init_weights()
+    assert attn.relative_position_bias_table.shape == reference.relative_position_bias_table.shape
+    assert torch.count_nonzero(attn.relative_position_bias_table) == 0
+    assert torch.count_nonzero(reference.relative_position_bias_table) == 0
+    assert torch.equal(attn.relative_position_index, reference.relative_position_index)
+    with torch.no_grad():
+        reference.relative_position_bias_table.normal_()
+        attn.relative_position_bias_table.copy_(reference.relative_position_bias_table)
+        reference.qkv.weight.copy_(attn.qkv.weight)
+        reference.q_bias.normal_(), reference.v_bias.normal_()
+        attn.qkv.bias.copy_(torch.cat([reference.q_bias, torch.zeros(dim), reference.v_bias]))
+        reference.proj.load_state_dict(attn.proj.state_dict())
+    x = torch.randn(2, 1 + 12, dim)
+    torch.testing.assert_close(attn(x), reference(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(seg.SegmentationError, match="window"):
+        attn(torch.randn(2, 1 + 16, dim))
+
+
+def test_rel_pos_bias_without_class_token_is_convmae_index():
+    """ConvMAE's seg Attention (no class token): table (2Wh-1)(2Ww-1), index = BEiT's token-token block."""
+    from mmseg.models.backbones.beit import BEiTAttention
+
+    size, index = seg.relative_position_index((3, 4), cls_token=False)
+    assert size == 5 * 7 and torch.equal(index, BEiTAttention(8, 2, (3, 4)).relative_position_index[1:, 1:])
+    assert index[0, 0] == index[5, 5] == 2 * 7 + 3   # zero offset: centre of the (5, 7) table
+    assert index[0, 1] == 2 * 7 + 2 and index[1, 0] == 2 * 7 + 4 and index[0, 4] == 1 * 7 + 3
+
+
+def test_vit_backbone_gets_zero_rel_pos_bias_per_block_with_its_layer_id(artifacts, tmp_path):
+    from mmseg.engine.optimizers.layer_decay_optimizer_constructor import get_layer_id_for_vit
+
+    model, wrapper, config, _ = _model_and_optimizer(artifacts["vit_tiny_patch16"], "vit-b", tmp_path)
+    assert config["model"]["backbone"]["rel_pos_bias"] is True
+    tables = {n: p for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}
+    assert len(tables) == len(model.backbone.layers) == 12
+    for name, table in tables.items():
+        assert table.shape == ((2 * 4 - 1) ** 2 + 3, 3) and torch.count_nonzero(table) == 0  # 64 px crop: 4x4
+        assert get_layer_id_for_vit(name, 14) == int(name.split(".")[2]) + 1
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in wrapper.optimizer.param_groups for p in g["params"]}
+    table = tables["backbone.layers.11.attn.relative_position_bias_table"]
+    assert lr_of[id(table)][1] == 0.05  # 2-D: weight decay, as mmseg's constructor gives it
+    no_bias, *_ = _model_and_optimizer(artifacts["vit_tiny_patch16"], "vit-b", tmp_path, rel_pos_bias=False)
+    x = torch.randn(1, 3, 64, 64)
+    no_bias.backbone.load_state_dict(model.backbone.state_dict(), strict=False)
+    model.eval(), no_bias.eval()
+    for a, b in zip(model.backbone(x), no_bias.backbone(x)):  # zero table: the pretrained function unchanged
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dumped_config_reevaluates_with_mmseg_tools(resnet_run, tmp_path):
+    """The record's `reevaluate` command (mmseg's own tools/test.py on the config bench dumped and the last
+    checkpoint), run in a fresh process from elsewhere, gives the record's mIoU."""
+    import os
+    import shlex
+    import subprocess
+
+    from mmengine.config import Config
+
+    first, out = resnet_run
+    # the newest record of that work dir: test_resume_from_mmengine_checkpoint may have retrained iter_6 since
+    records = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    record = [r for r in records if r.get("extra", {}).get("work_dir") == first["extra"]["work_dir"]][-1]
+    config = Config.fromfile(record["extra"]["config_file"])  # imports transfer.mmseg_reuse (custom_imports)
+    assert config.custom_imports["imports"] == ["transfer.mmseg_reuse"]
+    assert config.test_pipeline == config.test_dataloader.dataset.pipeline
+    command = record["extra"]["reevaluate"]
+    env_assignment, *argv = shlex.split(command)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", env_assignment.split("=", 1)[0]: env_assignment.split("=", 1)[1]}
+    out = subprocess.run(argv + ["--work-dir", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    miou = re.findall(r"mIoU: ([0-9.]+)", out.stdout + out.stderr)
+    assert miou and float(miou[-1]) == pytest.approx(record["metrics"]["mIoU"], abs=0.01)

@@ -6,6 +6,8 @@
   AP per class with the VOC2007 11-point rule (or the area rule), averaged over classes at IoU .50:.95 step .05:
   AP (mean over the 10 thresholds), AP50, AP75. Boxes are in detectron2's 0-based continuous coordinates
   (xmin/ymin of the XML minus 1), where detectron2's "+1" arithmetic reduces to the plain IoU used here.
+  Detections are first rounded as detectron2 writes them into its per-class result files (boxes to 0.1 px,
+  scores to 3 decimals) and sorted with voc_eval's own argsort, so ties fall as in detectron2.
 - `coco_metrics` / `lvis_metrics`: thin wrappers over pycocotools COCOeval and lvis LVISEval that return
   APbb*, APmk* like detectron2's COCOEvaluator / LVISEvaluator (box field dropped for mask evaluation).
 
@@ -56,7 +58,7 @@ def voc_eval_class(dets: list[tuple], gts: dict, iou_thresh: float, use_07_metri
     npos = sum(int((~difficult).sum()) for _, difficult in gts.values())
     if npos == 0:
         return None
-    order = np.argsort(-np.array([d[1] for d in dets], dtype=np.float64), kind="stable")
+    order = np.argsort(-np.array([d[1] for d in dets], dtype=np.float64))  # voc_eval's own (unstable) argsort
     taken = {img: np.zeros(len(boxes), dtype=bool) for img, (boxes, _) in gts.items()}
     tp, fp = np.zeros(len(dets)), np.zeros(len(dets))
     for rank, d in enumerate(order):
@@ -82,11 +84,21 @@ def voc_eval_class(dets: list[tuple], gts: dict, iou_thresh: float, use_07_metri
     return voc_ap(rec, prec, use_07_metric)
 
 
+def as_written_by_detectron2(box, score: float) -> tuple[np.ndarray, float]:
+    """A detection as PascalVOCDetectionEvaluator writes it to its result file and voc_eval reads it back:
+    f"{score:.3f} {xmin + 1:.1f} {ymin + 1:.1f} {xmax:.1f} {ymax:.1f}" (1-based xmin/ymin), here returned in
+    bench's 0-based continuous coordinates."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return (np.array([float(f"{x0 + 1:.1f}") - 1, float(f"{y0 + 1:.1f}") - 1, float(f"{x1:.1f}"),
+                      float(f"{y1:.1f}")]), float(f"{score:.3f}"))
+
+
 def voc_metrics(records: list[dict], predictions: dict, class_names, use_07_metric: bool = True,
                 iou_thresholds=VOC_IOUS) -> tuple[dict, dict]:
     """(metrics {AP, AP50, AP75}, per-class AP50) over `records` (detectron2-style dicts with `annotations`
     [{bbox xyxy, category_id, difficult}]) and predictions {image_id: {boxes (N, 4), scores (N,), labels (N,)}},
-    labels being 0-based class indices. Classes without positives are left out of the mean (listed in extra)."""
+    labels being 0-based class indices. Classes without positives are left out of the mean (listed in extra).
+    Boxes and scores are rounded as detectron2's result files store them (0.1 px, 3 decimals) before matching."""
     num_classes = len(class_names)
     gts = [dict() for _ in range(num_classes)]
     for r in records:
@@ -98,7 +110,8 @@ def voc_metrics(records: list[dict], predictions: dict, class_names, use_07_metr
     dets = [[] for _ in range(num_classes)]
     for image_id, p in predictions.items():
         for box, score, label in zip(np.asarray(p["boxes"]), np.asarray(p["scores"]), np.asarray(p["labels"])):
-            dets[int(label)].append((image_id, float(score), box))
+            box, score = as_written_by_detectron2(box, score)
+            dets[int(label)].append((image_id, score, box))
     aps = {t: {} for t in iou_thresholds}
     for c in range(num_classes):
         for t in iou_thresholds:

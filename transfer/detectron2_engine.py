@@ -223,6 +223,26 @@ def _register_lvis(registered: str, name: str, data_root: str, json_file: str) -
         thing_dataset_id_to_contiguous_id={c: i for i, c in enumerate(split.cat_ids)})
 
 
+class NumpyAliased:
+    """A detectron2 evaluator whose evaluate() runs under det_eval.numpy_aliases (lvis 0.5.3 calls `np.float`,
+    gone since NumPy 1.24); reset/process pass through (inference_on_dataset needs only these three)."""
+
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+
+    def reset(self):
+        return self.evaluator.reset()
+
+    def process(self, inputs, outputs):
+        return self.evaluator.process(inputs, outputs)
+
+    def evaluate(self):
+        from transfer.det_eval import numpy_aliases
+
+        with numpy_aliases():
+            return self.evaluator.evaluate()
+
+
 def _evaluator(dataset_name: str, output_dir: str, max_dets: int):
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator
@@ -232,25 +252,43 @@ def _evaluator(dataset_name: str, output_dir: str, max_dets: int):
         return PascalVOCDetectionEvaluator(dataset_name)
     if kind == "coco":
         return COCOEvaluator(dataset_name, output_dir=output_dir)
-    return LVISEvaluator(dataset_name, output_dir=output_dir, max_dets_per_image=max_dets)
+    return NumpyAliased(LVISEvaluator(dataset_name, output_dir=output_dir, max_dets_per_image=max_dets))
+
+
+def _defined(value) -> bool:
+    """False for undefined APs: NaN (COCOEvaluator) or negative (LVISEvaluator reports LVISEval's -1 x 100)."""
+    return isinstance(value, (int, float)) and bool(np.isfinite(value)) and value >= 0
 
 
 def metrics_from(results: dict, kind: str) -> dict:
     """detectron2 evaluator results -> leaderboard names (VOC: AP/AP50/AP75; COCO/LVIS: APbb*, APmk*).
-    Undefined (NaN) values and per-category entries are left out."""
+    Undefined values (NaN, LVIS's -100) and per-category entries are left out."""
     if "bbox" not in results and len(results) == 1:  # several test sets: {dataset: {task: ...}}
         results = next(iter(results.values()))
     if kind == "voc":
         return {k: float(results["bbox"][k]) for k in ("AP", "AP50", "AP75")}
     return {f"AP{tag}{k[2:]}": float(v) for task, tag in (("bbox", "bb"), ("segm", "mk"))
-            for k, v in results.get(task, {}).items() if k.startswith("AP") and "-" not in k and np.isfinite(v)}
+            for k, v in results.get(task, {}).items() if k.startswith("AP") and "-" not in k and _defined(v)}
 
 
 def _finite(value):
-    """Evaluator results with NaN (undefined AP) as None, so the record stays plain JSON."""
+    """Evaluator results with undefined APs (NaN, -100) as None, so the record stays plain JSON."""
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
-    return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else None
+    return float(value) if _defined(value) else None
+
+
+RESULTS_FILE = "bench_results.json"   # OUTPUT_DIR/metrics.json is detectron2's own training log: left alone
+
+
+def iteration_timing(output_dir: str | os.PathLike) -> dict:
+    """s/iter from detectron2's training log OUTPUT_DIR/metrics.json (one JSON object per logged iteration; `time`
+    is IterationTimer's windowed median): median over the logged iterations, and how many were logged."""
+    path = Path(output_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    times = [row["time"] for row in map(json.loads, path.read_text().splitlines()) if "time" in row]
+    return {"s_per_iter": float(np.median(times)), "logged_iters": len(times)} if times else {}
 
 
 def _main(config_file: str, names: list[str], data_root: str, result_file: str) -> None:
@@ -302,7 +340,7 @@ def run(spec, backbone, cfg: dict, seed: int, device, opts):
     config_file = out_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     n = num_gpus(opts, device)
-    result_file = out_dir / "metrics.json"
+    result_file = out_dir / RESULTS_FILE
     launch(_main, n, dist_url="auto",
            args=(str(config_file), list(cfg["train_sets"]) + list(cfg["test_sets"]), opts.data_root,
                  str(result_file)))
@@ -310,5 +348,6 @@ def run(spec, backbone, cfg: dict, seed: int, device, opts):
     metrics = metrics_from(results, cfg["test_sets"][0].split("_")[0])
     engine_cfg = {"name": "detectron2", "num_gpus": n, "config": config, "config_file": str(config_file),
                   "weights": str(weights), "num_classes": len(classes)}
-    return {"metrics": metrics, "extra": {"detectron2_results": _finite(results), "output_dir": str(out_dir)},
-            "timings": {"train_eval_s": time.perf_counter() - t0}}, engine_cfg
+    return {"metrics": metrics, "extra": {"detectron2_results": _finite(results), "output_dir": str(out_dir),
+                                          "detectron2_log": str(out_dir / "metrics.json")},
+            "timings": {"train_eval_s": time.perf_counter() - t0, **iteration_timing(out_dir)}}, engine_cfg

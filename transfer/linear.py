@@ -8,8 +8,10 @@
   is chosen on the held-out split of train (top-1, ties broken by held-out cross-entropy), never on val, and the
   record says which LR won.
 
-Heads: ResNet trunks get BatchNorm (affine) + Linear on res5 global-pooled features; ViT trunks get
-BatchNorm without affine (eps 1e-6) + Linear on the CLS token (MAE recipe head).
+Heads: ResNet trunks get VISSL's eval_mlp, BatchNorm2d (affine, over channels) + Linear, on the recipe's
+`feature`: `res5avg` (global average pool, 2048-d for ResNet-50) or `res5` average-pooled with AvgPool2d
+`feature_pool` = [kernel, stride] (VISSL's Places205 config: [6, 1] -> 2x2 x 2048 = 8192-d at 224 crops).
+ViT trunks get BatchNorm without affine (eps 1e-6) + Linear on the CLS token (MAE recipe head).
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
-from tqdm import tqdm
 
 from benchmarks.datasets import ClassificationSplit, open_image
 from leaderboard.runs import training_curve
 from transfer.artifact import Backbone
+from transfer.progress import progress
 
 FEATURE_CACHE_VERSION = "features/1"
 
@@ -60,14 +62,52 @@ class ImageList(Dataset):
             return self.transform(image), label
 
 
-def train_transform(crop_size: int) -> T.Compose:
-    return T.Compose([T.RandomResizedCrop(crop_size, antialias=True), T.RandomHorizontalFlip(),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+class MAERandomResizedCrop(torch.nn.Module):
+    """MAE's util/crop.py RandomResizedCrop (BYOL's TF sampling): one draw of area and log-aspect, sides rounded
+    and clamped to the image, no retry loop (torchvision retries 10 times, then centre-crops)."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC):
+        super().__init__()
+        self.size, self.scale, self.ratio, self.interpolation = size, scale, ratio, interpolation
+
+    def params(self, height: int, width: int) -> tuple[int, int, int, int]:
+        target_area = height * width * torch.empty(1).uniform_(*self.scale).item()
+        log_ratio = torch.log(torch.tensor(self.ratio))
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = min(int(round(math.sqrt(target_area * aspect))), width)
+        h = min(int(round(math.sqrt(target_area / aspect))), height)
+        i = torch.randint(0, height - h + 1, size=(1,)).item()
+        j = torch.randint(0, width - w + 1, size=(1,)).item()
+        return i, j, h, w
+
+    def forward(self, image):
+        height, width = T.functional.get_size(image)
+        i, j, h, w = self.params(height, width)
+        return T.functional.resized_crop(image, i, j, h, w, [self.size, self.size], self.interpolation,
+                                         antialias=True)
+
+    def __repr__(self) -> str:
+        return f"MAERandomResizedCrop(size={self.size}, interpolation={self.interpolation.value})"
 
 
-def test_transform(resize_size: int, crop_size: int) -> T.Compose:
-    return T.Compose([T.Resize(resize_size, antialias=True), T.CenterCrop(crop_size),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+def train_transform(crop_size: int, crop: str = "torchvision", interpolation: str = "bilinear") -> T.Compose:
+    """RandomResizedCrop + flip. Recipe keys: `crop` torchvision (VISSL) | mae (util/crop.py), `interpolation`."""
+    mode = T.InterpolationMode(interpolation)
+    cropper = (MAERandomResizedCrop(crop_size, interpolation=mode) if crop == "mae"
+               else T.RandomResizedCrop(crop_size, interpolation=mode, antialias=True))
+    return T.Compose([cropper, T.RandomHorizontalFlip(), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+
+
+def test_transform(resize_size: int, crop_size: int, interpolation: str = "bilinear") -> T.Compose:
+    return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode(interpolation), antialias=True),
+                      T.CenterCrop(crop_size), T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+
+
+def recipe_transforms(cfg: dict) -> tuple[T.Compose, T.Compose]:
+    """(train, test) transforms of a resolved linear recipe."""
+    interpolation = cfg.get("interpolation", "bilinear")
+    return (train_transform(cfg["crop_size"], cfg.get("crop", "torchvision"), interpolation),
+            test_transform(cfg["resize_size"], cfg["crop_size"], interpolation))
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -102,15 +142,59 @@ def gather_rows(local: torch.Tensor, index: torch.Tensor, total: int) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------- features
+def feature_pool(backbone: Backbone, cfg: dict) -> tuple[int, int] | None:
+    """(kernel, stride) of the AvgPool2d on res5 for recipe feature `res5`; None for the backbone's own pooled
+    feature (`res5avg`, and always for ViT / ConvViT trunks, whose recipes probe a token)."""
+    feature = cfg.get("feature", "res5avg")
+    if feature not in ("res5", "res5avg"):
+        raise ValueError(f"unknown linear-probe feature {feature!r} in recipe; known: res5 (with feature_pool), "
+                         "res5avg")
+    if feature == "res5avg" or backbone.family != "resnet":
+        return None
+    kernel, stride = cfg["feature_pool"]
+    return int(kernel), int(stride)
+
+
+def feature_description(backbone: Backbone, cfg: dict) -> str:
+    pool = feature_pool(backbone, cfg)
+    if pool is not None:
+        return f"res5 AvgPool2d(kernel {pool[0]}, stride {pool[1]}), flattened"
+    return {"resnet": "res5 global average pool", "convvit": "mean of the normalised stage-3 tokens",
+            "vit": "CLS token" if getattr(backbone.trunk, "global_pool", "token") == "token"
+            else "mean of the patch tokens"}[backbone.family]
+
+
+def res5_grid(crop_size: int, pool: tuple[int, int]) -> int:
+    """Positions of the pooled res5 map of a torchvision ResNet (stride 32: five halvings, rounding up)."""
+    side = crop_size
+    for _ in range(5):
+        side = (side - 1) // 2 + 1
+    if side < pool[0]:
+        raise ValueError(f"res5 is {side}x{side} at crop {crop_size}, smaller than the AvgPool2d kernel {pool[0]}; "
+                         "lower feature_pool (the tiny budgets use [1, 1]: 2x2 at 64 px, as [6, 1] at 224)")
+    return ((side - pool[0]) // pool[1] + 1) ** 2
+
+
+def res5_pooled(backbone: Backbone, images: torch.Tensor, pool: tuple[int, int]) -> torch.Tensor:
+    """VISSL's LINEAR_EVAL_FEAT_POOL_OPS_MAP res5 entry: AvgPool2d(kernel, stride) on res5, flattened (B, C*S)."""
+    t = backbone.trunk
+    x = t.maxpool(t.relu(t.bn1(t.conv1(backbone.transform(images)))))
+    x = t.layer4(t.layer3(t.layer2(t.layer1(x))))
+    return F.avg_pool2d(x, pool[0], pool[1]).flatten(1)
+
+
 @torch.no_grad()
-def trunk_features(backbone: Backbone, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Features of one batch from a backbone already in eval mode on `device`."""
+def trunk_features(backbone: Backbone, images: torch.Tensor, device: torch.device,
+                   pool: tuple[int, int] | None = None) -> torch.Tensor:
+    """Features of one batch from a backbone already in eval mode on `device` (res5 pooled by `pool` if given)."""
+    images = images.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return backbone(images.to(device, non_blocking=True)).float().cpu()
+        out = backbone(images) if pool is None else res5_pooled(backbone, images, pool)
+    return out.float().cpu()
 
 
 def extract_features(backbone: Backbone, samples, transform, device, batch_size: int, workers: int, desc: str,
-                     seed: int | None = None):
+                     seed: int | None = None, pool: tuple[int, int] | None = None):
     """Pooled trunk features (float32, CPU) and labels of every sample, in order.
 
     Under torch.distributed each rank extracts every world-th sample and the rows are gathered on all ranks.
@@ -121,20 +205,22 @@ def extract_features(backbone: Backbone, samples, transform, device, batch_size:
     data = DataLoader(Subset(ImageList(samples, transform, seed), mine.tolist()), batch_size=batch_size,
                       num_workers=workers, pin_memory=torch.cuda.is_available())
     feats, labels = [], []
-    for images, y in tqdm(data, desc=desc, leave=False, dynamic_ncols=True, disable=rank > 0):
-        feats.append(trunk_features(backbone, images, device))
+    for images, y in progress(data, desc=desc, leave=False, disable=rank > 0, unit="batch"):
+        feats.append(trunk_features(backbone, images, device, pool))
         labels.append(torch.as_tensor(y))
     feats = torch.cat(feats) if feats else torch.empty(0, backbone.dim)
     labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
     return gather_rows(feats, mine, len(samples)), gather_rows(labels, mine, len(samples))
 
 
-def cache_key(backbone: Backbone, split: ClassificationSplit, transform, pass_seed: int | None) -> str:
-    """Hash of everything the features depend on: weights, preprocessing, samples, transform, seed."""
+def cache_key(backbone: Backbone, split: ClassificationSplit, transform, pass_seed: int | None,
+              pool: tuple[int, int] | None = None) -> str:
+    """Hash of everything the features depend on: weights, preprocessing, samples, transform, seed, pooling."""
     h = hashlib.sha256()
     meta = backbone.artifact_meta
     h.update(json.dumps([FEATURE_CACHE_VERSION, meta["weights_hash"], meta["preprocessing"], meta["arch"],
-                         split.name, split.split, repr(transform), pass_seed]).encode())
+                         split.name, split.split, repr(transform), pass_seed]
+                        + ([list(pool)] if pool is not None else [])).encode())
     for path, label in split.samples:
         h.update(f"{path}|{label}|{os.path.getsize(path)}\n".encode())
     return h.hexdigest()[:24]
@@ -158,14 +244,15 @@ def read_feature_cache(path: Path, num_samples: int) -> dict | None:
     return blob
 
 
-def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, device, batch_size, workers, desc):
+def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, device, batch_size, workers, desc,
+                    pool=None):
     """Features from the disk cache, extracting and caching them on a miss. Returns (feats, labels, hit)."""
-    path = cache_dir / f"{split.name}-{split.split}-{cache_key(backbone, split, transform, pass_seed)}.pt"
+    path = cache_dir / f"{split.name}-{split.split}-{cache_key(backbone, split, transform, pass_seed, pool)}.pt"
     blob = read_feature_cache(path, len(split.samples))
     if blob is not None:
         return blob["features"], blob["labels"], True
     feats, labels = extract_features(backbone, split.samples, transform, device, batch_size, workers, desc,
-                                     seed=pass_seed)
+                                     seed=pass_seed, pool=pool)
     if dist_info()[0] == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -178,30 +265,50 @@ def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, devi
 
 
 # ----------------------------------------------------------------------------------------------- heads
+def _trunc_normal_001(linear: nn.Linear) -> None:
+    """MAE main_linprobe.py: trunc_normal_(head.weight, std=0.01) (MoCo v3); timm zero-initialises the bias."""
+    nn.init.trunc_normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+
+
+# recipe key `head_init`: VISSL's eval_mlp keeps nn.Linear's default (kaiming-uniform weight, uniform bias)
+HEAD_INITS = {"default": lambda linear: None, "trunc_normal_0.01": _trunc_normal_001}
+
+
 class LinearHeads(nn.Module):
     """G independent BN + Linear heads on the same features, trained together.
 
     BatchNorm statistics depend only on the input, so one normalisation serves every head; each head keeps
-    its own affine BN parameters (when `affine`) and Linear layer, hence its own learning rate.
+    its own affine BN parameters (when `affine`) and Linear layer, hence its own learning rate. With `channels`
+    < dim the (B, dim) features are a flattened (B, channels, positions) map and BatchNorm runs per channel over
+    batch and positions, as VISSL's eval_mlp BatchNorm2d before its flatten + Linear.
     """
 
-    def __init__(self, dim: int, num_classes: int, num_heads: int = 1, affine: bool = True, eps: float = 1e-5):
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 1, affine: bool = True, eps: float = 1e-5,
+                 init: str = "default", channels: int | None = None):
         super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=eps)
-        self.scale = nn.Parameter(torch.ones(num_heads, dim)) if affine else None
-        self.shift = nn.Parameter(torch.zeros(num_heads, dim)) if affine else None
+        self.channels = channels or dim
+        if dim % self.channels:
+            raise ValueError(f"feature dim {dim} is not a multiple of {self.channels} channels")
+        self.norm = nn.BatchNorm1d(self.channels, affine=False, eps=eps)
+        self.scale = nn.Parameter(torch.ones(num_heads, self.channels)) if affine else None
+        self.shift = nn.Parameter(torch.zeros(num_heads, self.channels)) if affine else None
         self.linears = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
+        if init not in HEAD_INITS:
+            raise ValueError(f"unknown head_init {init!r} in recipe; known: {', '.join(HEAD_INITS)}")
         for linear in self.linears:
-            nn.init.normal_(linear.weight, std=0.01)
-            nn.init.zeros_(linear.bias)
+            HEAD_INITS[init](linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) features -> (G, B, C) logits."""
-        x = self.norm(x)
+        if self.channels == x.shape[1]:
+            x, per_channel = self.norm(x), lambda t: t
+        else:
+            x, per_channel = self.norm(x.view(len(x), self.channels, -1)), lambda t: t[:, None]
         outs = []
         for g, linear in enumerate(self.linears):
-            xg = x * self.scale[g] + self.shift[g] if self.scale is not None else x
-            outs.append(linear(xg))
+            xg = x * per_channel(self.scale[g]) + per_channel(self.shift[g]) if self.scale is not None else x
+            outs.append(linear(xg.flatten(1)))
         return torch.stack(outs)
 
     def param_groups(self, lrs: list[float], weight_decay: float) -> list[dict]:
@@ -213,7 +320,7 @@ class LinearHeads(nn.Module):
         if self.scale is not None:
             # per-head affine rows share one tensor; per-head LRs are applied by gradient scaling in `fit_heads`
             groups.append({"params": [self.scale, self.shift], "lr": 1.0, "base_lr": 1.0, "weight_decay": 0.0,
-                           "affine": True})
+                           "affine": True, "lars_exclude": True})  # BN gamma/beta: 1-d per head
         return groups
 
 
@@ -228,13 +335,45 @@ def lr_factor(cfg: dict, progress: float) -> float:
     return cfg["gamma"] ** sum(progress >= m for m in cfg["milestones"])
 
 
+class LARS(torch.optim.Optimizer):
+    """MAE's LARS (facebookresearch/mae util/lars.py, from MoCo v3): every matrix parameter's update
+    (gradient + weight decay) is scaled by trust_coefficient * ||p|| / ||update||, whatever the weight decay;
+    parameters <= 1-d (and groups marked `lars_exclude`, e.g. per-head BN affine rows) get neither decay nor
+    adaptation. Heavy-ball momentum without dampening, then p -= lr * mu.
+
+    timm's `Lars` is not this: with weight decay 0 and always_adapt=False it applies no trust ratio at all, and
+    its ratio divides by ||g|| + wd ||p|| + eps instead of ||g + wd p||.
+    """
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1 and not g["lars_exclude"]:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm,
+                                                one), one)
+                    dp = dp.mul(q)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
 def make_optimizer(cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=1.0, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
     if cfg["optimizer"] == "lars":
-        from timm.optim import Lars
-
-        return Lars(groups, lr=1.0, momentum=cfg["momentum"])
+        return LARS(groups, lr=1.0, momentum=cfg["momentum"])
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r} in recipe")
 
 
@@ -246,7 +385,7 @@ def fit_heads(heads: LinearHeads, epoch_batches: Callable[[int], Iterable], step
     optimizer = make_optimizer(cfg, groups)
     lr_per_head = torch.tensor(lrs, device=device).view(-1, 1)
     losses, step = [], 0
-    bar = tqdm(range(cfg["epochs"]), desc=desc, leave=False, dynamic_ncols=True, disable=dist_info()[0] > 0)
+    bar = progress(range(cfg["epochs"]), desc=desc, leave=False, disable=dist_info()[0] > 0, unit="epoch")
     for epoch in bar:
         for x, y in epoch_batches(epoch):
             factor = lr_factor(cfg, step / steps_per_epoch)
@@ -313,10 +452,16 @@ def scaled_lr(cfg: dict) -> float:
     return cfg["lr"] * cfg["batch_size"] / cfg["lr_batch"]
 
 
-def head_for(backbone: Backbone, num_classes: int, num_heads: int) -> LinearHeads:
+def head_for(backbone: Backbone, num_classes: int, num_heads: int, cfg: dict) -> LinearHeads:
+    """The recipe's head: VISSL eval_mlp (BatchNorm2d affine eps 1e-5 over channels + Linear) on ResNet features,
+    MAE's BatchNorm1d(affine=False, eps 1e-6) + Linear on ViT / ConvViT tokens."""
+    init = cfg.get("head_init", "default")
     if backbone.family == "resnet":
-        return LinearHeads(backbone.dim, num_classes, num_heads, affine=True, eps=1e-5)
-    return LinearHeads(backbone.dim, num_classes, num_heads, affine=False, eps=1e-6)
+        pool = feature_pool(backbone, cfg)
+        positions = res5_grid(cfg["crop_size"], pool) if pool is not None else 1
+        return LinearHeads(backbone.dim * positions, num_classes, num_heads, affine=True, eps=1e-5, init=init,
+                           channels=backbone.dim)
+    return LinearHeads(backbone.dim, num_classes, num_heads, affine=False, eps=1e-6, init=init)
 
 
 def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit, cfg: dict, seed: int, device,
@@ -329,9 +474,11 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
     torch.manual_seed(seed)
     rank, world = dist_info()
     backbone.eval().to(device)
-    heads = head_for(backbone, val.num_classes, 1)
+    heads = head_for(backbone, val.num_classes, 1, cfg)
+    pool = feature_pool(backbone, cfg)
     lr = scaled_lr(cfg)
-    images = ImageList(train.samples, train_transform(cfg["crop_size"]), seed=seed)
+    train_tf, test_tf = recipe_transforms(cfg)
+    images = ImageList(train.samples, train_tf, seed=seed)
     steps = math.ceil(len(images) / cfg["batch_size"])
 
     def epoch_batches(epoch):
@@ -343,14 +490,14 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
         data = DataLoader(images, batch_sampler=shards, num_workers=workers, pin_memory=torch.cuda.is_available())
         for batch, (x, y) in zip(batches, data):
             local = torch.arange(rank, len(batch), world)
-            yield (gather_rows(trunk_features(backbone, x, device), local, len(batch)),
+            yield (gather_rows(trunk_features(backbone, x, device, pool), local, len(batch)),
                    gather_rows(torch.as_tensor(y), local, len(batch)))
 
     t0 = time.perf_counter()
     losses = fit_heads(heads, epoch_batches, steps, cfg, [lr], device, desc="protocol epochs")
     t_train = time.perf_counter() - t0
-    val_feats, val_labels = extract_features(backbone, val.samples, test_transform(cfg["resize_size"],
-                                             cfg["crop_size"]), device, cfg["batch_size"], workers, "val features")
+    val_feats, val_labels = extract_features(backbone, val.samples, test_tf, device, cfg["batch_size"], workers,
+                                             "val features", pool=pool)
     top1, top5, _ = evaluate_heads(heads, val_feats, val_labels, device)
     return {"metrics": {"top1": top1[0], "top5": top5[0]},
             "extra": {"lr": lr, "final_loss": losses[-1], "steps": len(losses), "world_size": world,
@@ -359,20 +506,27 @@ def run_protocol(backbone, train: ClassificationSplit, val: ClassificationSplit,
 
 
 def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, cfg: dict, cached: dict, seed: int,
-               device, workers: int, cache_dir: Path, feature_seed: int = 0) -> dict:
-    """Cached features + a grid of heads over LRs, the LR chosen on a held-out split of train."""
+               device, workers: int, cache_dir: Path, feature_seed: int | None = None) -> dict:
+    """Cached features + a grid of heads over LRs, the LR chosen on a held-out split of train.
+
+    The augmented passes and the held-out split are drawn from `feature_seed`: by default the trial's seed
+    (`cached.per_trial_passes`, default true), so the spread of trials includes augmentation and split variance
+    as protocol trials do; with per_trial_passes false every trial reuses seed 0's passes from the cache."""
+    if feature_seed is None:
+        feature_seed = seed if cached.get("per_trial_passes", True) else 0
     t0 = time.perf_counter()
     fit_idx, hold_idx = holdout_split(len(train.samples), cached["holdout_fraction"], feature_seed)
     fit = ClassificationSplit(train.name, "train", [train.samples[i] for i in fit_idx], train.num_classes,
                               train.class_names)
     hold = ClassificationSplit(train.name, "train", [train.samples[i] for i in hold_idx], train.num_classes,
                                train.class_names)
-    test_tf = test_transform(cfg["resize_size"], cfg["crop_size"])
-    common = dict(cache_dir=cache_dir, device=device, batch_size=max(cfg["batch_size"], 64), workers=workers)
+    train_tf, test_tf = recipe_transforms(cfg)
+    common = dict(cache_dir=cache_dir, device=device, batch_size=max(cfg["batch_size"], 64), workers=workers,
+                  pool=feature_pool(backbone, cfg))
     hits = []
     passes = []
     for k in range(cached["augmented_passes"]):
-        f, y, hit = cached_features(backbone, fit, train_transform(cfg["crop_size"]), feature_seed * 1000 + k,
+        f, y, hit = cached_features(backbone, fit, train_tf, feature_seed * 1000 + k,
                                     desc=f"train features (pass {k + 1})", **common)
         passes.append((f, y))
         hits.append(hit)
@@ -383,7 +537,7 @@ def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, c
     base = scaled_lr(cfg)
     lrs = [base * m for m in cached["lr_multipliers"]]
     torch.manual_seed(seed)
-    heads = head_for(backbone, val.num_classes, len(lrs))
+    heads = head_for(backbone, val.num_classes, len(lrs), cfg)
     steps = math.ceil(len(fit.samples) / cfg["batch_size"])
     batches = lambda e: feature_batches(*passes[e % len(passes)], cfg["batch_size"], seed * 100003 + e)  # noqa: E731
     losses = fit_heads(heads, batches, steps, cfg, lrs, device, desc=f"{len(lrs)} heads")
@@ -392,13 +546,49 @@ def run_cached(backbone, train: ClassificationSplit, val: ClassificationSplit, c
     hold_top1, _, hold_loss = evaluate_heads(heads, hold_f, hold_y, device)
     best = best_head(hold_top1, hold_loss)
     top1, top5, _ = evaluate_heads(heads, val_f, val_y, device)
-    return {"metrics": {"top1": top1[best], "top5": top5[best]},
+    metrics = {"top1": top1[best], "top5": top5[best]}
+    refit = None
+    if cached.get("refit"):
+        refit = refit_head(backbone, train, hold, passes, cfg, cached, lrs[best], seed, feature_seed, device, common)
+        top1_r, top5_r, _ = evaluate_heads(refit["head"], val_f, val_y, device)
+        metrics = {"top1": top1_r[0], "top5": top5_r[0]}
+        refit = {"lr": lrs[best], "train_size": len(train.samples), "steps": refit["steps"],
+                 "grid_head_top1": top1[best],
+                 "features_s": refit["features_s"], "train_s": refit["train_s"]}
+    return {"metrics": metrics,
             "extra": {"lr_selection": {"chosen_lr": lrs[best], "recipe_lr": base, "split": "held-out train",
                                        "holdout_size": len(hold.samples), "fit_size": len(fit.samples),
                                        "heldout_top1_by_lr": dict(zip(map(str, lrs), hold_top1)),
-                                       "heldout_loss_by_lr": dict(zip(map(str, lrs), hold_loss))},
+                                       "heldout_loss_by_lr": dict(zip(map(str, lrs), hold_loss)),
+                                       # diagnostics only (never used to choose): every grid head's val top-1
+                                       "val_top1_by_lr": dict(zip(map(str, lrs), top1)),
+                                       "refit": refit},
                       "feature_cache": {"dir": str(cache_dir), "hits": sum(hits) + hit_h + hit_v,
                                         "lookups": len(hits) + 2},
+                      "feature_passes": {"count": len(passes), "seed": feature_seed,
+                                         "per_trial": feature_seed == seed and cached.get("per_trial_passes", True),
+                                         "why": "passes and held-out split drawn per trial: trial spread includes "
+                                                "augmentation variance" if cached.get("per_trial_passes", True)
+                                         else "one set of passes for every trial (cache reuse); trial spread "
+                                              "leaves out augmentation and split variance"},
                       "final_loss": losses[-1], "steps": len(losses), "curve": loss_curve(losses)},
             "timings": {"features_s": t_feat, "train_s": t_train,
                         "eval_s": time.perf_counter() - t0 - t_feat - t_train}}
+
+
+def refit_head(backbone, train, hold, passes, cfg, cached, lr, seed, feature_seed, device, common) -> dict:
+    """`cached.refit`: after the LR choice, one head at the chosen LR on all of train, as the protocol trains:
+    the fit split's cached passes plus the same number of augmented passes of the held-out split."""
+    t0 = time.perf_counter()
+    full = []
+    for k, (f, y) in enumerate(passes):
+        hf, hy, _ = cached_features(backbone, hold, recipe_transforms(cfg)[0], feature_seed * 1000 + k,
+                                    desc=f"held-out train features (pass {k + 1})", **common)
+        full.append((torch.cat([f, hf]), torch.cat([y, hy])))
+    t_feat = time.perf_counter() - t0
+    torch.manual_seed(seed)
+    head = head_for(backbone, train.num_classes, 1, cfg)
+    steps = math.ceil(len(train.samples) / cfg["batch_size"])
+    batches = lambda e: feature_batches(*full[e % len(full)], cfg["batch_size"], seed * 100003 + e)  # noqa: E731
+    losses = fit_heads(head, batches, steps, cfg, [lr], device, desc="refit head")
+    return {"head": head, "steps": len(losses), "features_s": t_feat, "train_s": time.perf_counter() - t0 - t_feat}

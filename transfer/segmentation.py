@@ -11,10 +11,12 @@ features and keeps the trunk's parameter names where the layer-decay rules need 
 - `BenchResNet`: torchvision ResNet (7x7 stem, stride on the 3x3 = mmseg style 'pytorch') -> C2..C5;
 - `BenchViTMAE`: timm ViT -> tokens after `out_indices` blocks as stride-16 maps (no final norm, as mmseg's
   MAE backbone); blocks exposed as `layers.N` so mmseg's `LayerDecayOptimizerConstructor` (ViT rule) applies
-  to the real block indices; optional layer scale (mmseg MAE `init_values`); position embeddings resampled
-  to the crop grid at build time and to any other input grid on the fly;
+  to the real block indices; optional layer scale (mmseg MAE `init_values`) and zero-initialised relative
+  position bias per block (mmseg's MAEAttention); position embeddings resampled to the crop grid at build time
+  and to any other input grid on the fly;
 - `BenchConvViT`: ConvMAE's ConvViT (transfer/convvit.py) -> stage 1, stage 2, stage 3 and a 3x3/2
-  conv-BN-GELU of stage 3 (ConvMAE's seg backbone), with ConvMAE's layer-decay rule
+  conv-BN-GELU of stage 3 (ConvMAE's seg backbone; optional relative position bias, `use_rel_pos_bias`), with
+  ConvMAE's layer-decay rule
   (`ConvViTLayerDecayOptimizerConstructor`: patch embeds and conv stages id 0, transformer block i id i+1).
 The trunk weights are written to the run's work dir as a bench artifact and loaded strictly by the wrapper
 (the runner's load audit already refused partial loads). Inputs are normalised with the artifact's mean/std
@@ -55,7 +57,7 @@ from transfer.artifact import (BackboneArtifact, Preprocessing, build_backbone, 
                                read_artifact, save_artifact, trunk_state_dict)
 
 ENGINE = "mmseg"
-ENGINE_VERSION = 1  # part of the work-dir key: bump when the built config changes meaning
+ENGINE_VERSION = 2  # part of the work-dir key: bump when the built config changes meaning
 
 
 class SegmentationError(SpecError):
@@ -130,7 +132,8 @@ class BenchViTMAE(nn.Module):
     """
 
     def __init__(self, weights: str, img_size: int, out_indices=(3, 5, 7, 11), drop_path_rate: float = 0.0,
-                 layer_scale_init: float | None = None, arch: str | None = None, weights_hash: str | None = None):
+                 layer_scale_init: float | None = None, arch: str | None = None, weights_hash: str | None = None,
+                 rel_pos_bias: bool = False):
         super().__init__()
         vit, art = _load_trunk(weights, img_size, drop_path_rate=drop_path_rate, dynamic_img_size=True,
                                dynamic_img_pad=True)
@@ -148,6 +151,11 @@ class BenchViTMAE(nn.Module):
             raise SegmentationError(f"out_indices {list(out_indices)} but {art.arch} has {len(self.layers)} blocks")
         if layer_scale_init:
             add_layer_scale(self.layers, self.embed_dim, layer_scale_init)
+        if rel_pos_bias:
+            if self.num_prefix_tokens > 1:
+                raise SegmentationError(f"{art.arch}: relative position bias with {self.num_prefix_tokens} prefix "
+                                        "tokens is not supported")
+            add_rel_pos_bias(self.layers, self.grid, self.num_prefix_tokens)
 
     def forward(self, x):
         x = self.patch_embed(x)  # (B, H, W, C): dynamic size, padded to a multiple of the patch
@@ -167,6 +175,62 @@ class BenchViTMAE(nn.Module):
             if i in self.out_indices:
                 outs.append(x[:, self.num_prefix_tokens:].transpose(1, 2).reshape(b, c, h, w).contiguous())
         return tuple(outs)
+
+
+def relative_position_index(window: tuple[int, int], cls_token: bool) -> tuple[int, torch.Tensor]:
+    """(table size, (N, N) index into it) of BEiT's relative position bias over a Wh x Ww window: one entry per
+    2-D offset, plus (with a class token, as mmseg's BEiTAttention) cls->token, token->cls and cls->cls."""
+    wh, ww = window
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    index = (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+    size = (2 * wh - 1) * (2 * ww - 1)
+    if not cls_token:                      # ConvMAE's seg Attention (stage 3 has no class token)
+        return size, index
+    full = torch.zeros((wh * ww + 1,) * 2, dtype=index.dtype)
+    full[1:, 1:] = index
+    full[0, :], full[:, 0], full[0, 0] = size, size + 1, size + 2
+    return size + 3, full
+
+
+class RelPosBiasAttention(nn.Module):
+    """Marker base: see `add_rel_pos_bias`."""
+
+
+def _rel_pos_attention_forward(self, x, attn_mask=None, is_causal=False):
+    """timm Attention.forward with BEiT's bias added to the attention logits: softmax(q k^T * scale + B)."""
+    b, n, _ = x.shape
+    if n != self.relative_position_index.shape[0]:
+        wh, ww = self.rel_pos_window
+        raise SegmentationError(f"the relative position bias covers a {wh}x{ww} token window, got {n} tokens: "
+                                "feed crop_size inputs (slide inference) or set rel_pos_bias: false")
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.permute(2, 0, 1).unsqueeze(0).to(q.dtype),
+                                       dropout_p=self.attn_drop.p if self.training else 0.0)
+    x = self.norm(x.transpose(1, 2).reshape(b, n, self.attn_dim))
+    return self.proj_drop(self.proj(x))
+
+
+def add_rel_pos_bias(blocks, window: tuple[int, int], num_prefix_tokens: int) -> None:
+    """A zero-initialised relative position bias table per block and head (mmseg's MAE backbone: MAEAttention,
+    BEiT's index with cls rows; ConvMAE seg `use_rel_pos_bias=True`: no class token), added to the attention
+    logits of every timm block. New parameters `attn.relative_position_bias_table` (the reference names), so the
+    layer-decay rules give them their block's id; 2-D, hence weight decay, as in both references."""
+    from timm.models.vision_transformer import Attention
+
+    for blk in blocks:
+        attn = blk.attn
+        if type(attn) is not Attention or getattr(attn, "gate", None) is not None:
+            raise SegmentationError(f"relative position bias needs timm's plain Attention, got {type(attn).__name__}")
+        size, index = relative_position_index(window, cls_token=num_prefix_tokens == 1)
+        attn.relative_position_bias_table = nn.Parameter(torch.zeros(size, attn.num_heads))
+        attn.register_buffer("relative_position_index", index, persistent=False)
+        attn.rel_pos_window = tuple(window)
+        attn.__class__ = type("RelPosAttention", (RelPosBiasAttention, Attention),
+                              {"forward": _rel_pos_attention_forward})
 
 
 def add_layer_scale(blocks, dim: int, init: float) -> None:
@@ -189,7 +253,8 @@ class BenchConvViT(nn.Module):
     """
 
     def __init__(self, weights: str, img_size: int, drop_path_rate: float = 0.0,
-                 layer_scale_init: float | None = None, arch: str | None = None, weights_hash: str | None = None):
+                 layer_scale_init: float | None = None, arch: str | None = None, weights_hash: str | None = None,
+                 rel_pos_bias: bool = False):
         super().__init__()
         model, art = _load_trunk(weights, img_size, drop_path_rate=drop_path_rate)
         if art.family != "convvit":
@@ -203,6 +268,8 @@ class BenchConvViT(nn.Module):
         d3 = self.embed_dims[-1]
         if layer_scale_init:
             add_layer_scale(self.blocks3, d3, layer_scale_init)
+        if rel_pos_bias:
+            add_rel_pos_bias(self.blocks3, (self.grid, self.grid), num_prefix_tokens=0)
         self.fpn = nn.Sequential(nn.Conv2d(d3, d3, 3, stride=2), nn.BatchNorm2d(d3), nn.GELU())
 
     @property
@@ -350,7 +417,7 @@ def build_config(spec, cfg: dict, weights: str, art: BackboneArtifact, data_root
         in_channels = [dim] * 4
         backbone = dict(type="BenchViTMAE", weights=weights, arch=art.arch, weights_hash=art.hash, img_size=crop,
                         out_indices=out_indices, drop_path_rate=cfg["drop_path_rate"],
-                        layer_scale_init=cfg["layer_scale_init"])
+                        layer_scale_init=cfg["layer_scale_init"], rel_pos_bias=bool(cfg["rel_pos_bias"]))
         neck = dict(type=cfg["neck"], embed_dim=dim, rescales=list(cfg["neck_rescales"]), norm_cfg=norm_cfg)
         dims_note = {"depth": depth, "embed_dim": dim}
     elif family == "convvit":
@@ -360,7 +427,8 @@ def build_config(spec, cfg: dict, weights: str, art: BackboneArtifact, data_root
         depth = list(art.arch_kwargs.get("depths", PRESETS[art.arch]["depths"]))[-1]
         in_channels = [*dims, dims[-1]]
         backbone = dict(type="BenchConvViT", weights=weights, arch=art.arch, weights_hash=art.hash, img_size=crop,
-                        drop_path_rate=cfg["drop_path_rate"], layer_scale_init=cfg["layer_scale_init"])
+                        drop_path_rate=cfg["drop_path_rate"], layer_scale_init=cfg["layer_scale_init"],
+                        rel_pos_bias=bool(cfg["rel_pos_bias"]))
         neck = None
         dims_note = {"depth": depth, "embed_dims": dims}
     else:  # pragma: no cover - arch_family admits nothing else
@@ -446,6 +514,10 @@ def build_config(spec, cfg: dict, weights: str, art: BackboneArtifact, data_root
     intermediate_val = val_interval < max_iters
     config = dict(
         default_scope="mmseg",
+        # mmseg's tools (tools/test.py, apis.init_model) load the dumped config with Config.fromfile, which
+        # imports this first: the mmcv compat ops, bench's registered modules, the checkpoint allow-list
+        custom_imports=dict(imports=["transfer.mmseg_reuse"], allow_failed_imports=False),
+        test_pipeline=test_pipeline,  # top level, as mmseg's configs have it (inference_model reads it)
         work_dir=work_dir,
         experiment_name=f"{spec.name}_{cfg['name']}_s{seed}_{uuid.uuid4().hex[:8]}",
         model=model,
@@ -478,6 +550,27 @@ def build_config(spec, cfg: dict, weights: str, art: BackboneArtifact, data_root
         config.update(val_dataloader=copy.deepcopy(test_dataloader), val_evaluator=dict(evaluator),
                       val_cfg=dict(type="ValLoop"))
     return config
+
+
+def reevaluate_command(config_file: str | os.PathLike, checkpoint: str | os.PathLike) -> str:
+    """The one command that re-evaluates a saved checkpoint with mmseg's own tools/test.py and the config bench
+    dumped next to it (run from anywhere; PYTHONPATH makes `transfer.mmseg_reuse` importable)."""
+    import sys
+
+    import mmseg
+
+    tools = Path(mmseg.__file__).parent / ".mim" / "tools" / "test.py"
+    root = Path(__file__).resolve().parents[1]
+    return f"PYTHONPATH={root} {sys.executable} {tools} {config_file} {checkpoint}"
+
+
+def precision(config: dict) -> str:
+    """The training precision the built config runs (mmengine reads only optim_wrapper.type; mmseg 1.2.2's MAE
+    config also sets a top-level `fp16` key, which mmengine ignores, so that recipe trains in fp32)."""
+    wrapper = config["optim_wrapper"]
+    if wrapper["type"] == "AmpOptimWrapper":
+        return f"fp16 autocast, loss scale {wrapper.get('loss_scale', 'dynamic')} (AmpOptimWrapper)"
+    return "fp32 (OptimWrapper)"
 
 
 def plain(obj):
@@ -629,7 +722,9 @@ def run_segmentation(spec, backbone, cfg: dict, mode: str, seed: int, device, op
     result = {"metrics": {m: round(float(metrics[m]), 2) for m in wanted},  # IoUMetric: percent, 2 decimals
               "timings": {"train_s": train_s, "test_s": test_s},
               "extra": {"work_dir": str(work_dir), "config_file": str(work_dir / f"{runner.timestamp}.py"),
-                        "resumed": bool(resume), "iterations": runner.iter,
+                        "resumed": bool(resume), "iterations": runner.iter, "precision": precision(config),
+                        "reevaluate": reevaluate_command(work_dir / f"{runner.timestamp}.py",
+                                                         (work_dir / "last_checkpoint").read_text().strip()),
                         "train_images": len(runner.train_dataloader.dataset),
                         "val_images": len(runner.test_dataloader.dataset)}}
     if pictures:  # a few val images beside their predicted and true label maps, drawn by `bench report`
@@ -637,6 +732,7 @@ def run_segmentation(spec, backbone, cfg: dict, mode: str, seed: int, device, op
     engine_cfg = {"name": ENGINE, "model": "UperNet (mmseg EncoderDecoder + UPerHead + FCNHead aux)",
                   "backbone_module": config["model"]["backbone"]["type"],
                   "amp": config["optim_wrapper"]["type"] == "AmpOptimWrapper",
+                  "precision": precision(config),
                   "versions": _versions(), "mmcv_compat_ops": mmcv_compat.is_installed(),
                   "config": dumped}
     return result, engine_cfg
