@@ -14,6 +14,16 @@ def _close(ref: float, ours: float) -> bool:
     return abs(ref - ours) <= TOL * max(1.0, abs(ref))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The fixture was written with one CPU thread; with two, float32 sums reorder and the U-Net's gradient norms
+    (driven by the 1/sin penalty) move by ~1.5e-5 relative, past the tolerance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def views():
     model = parity.build_bench("simclr_adios_s")

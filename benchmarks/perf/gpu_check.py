@@ -45,7 +45,7 @@ PAPER_GPUS = {
     "mscn-imagenet": 8,        # config header: torchrun --nproc_per_node 8, batch 4096 -> 512 per GPU
     "mscn-byol-imagenet": 8,   # same launch as mscn-imagenet
     "adios-imagenet100": 1,    # ADIOS reference: batch 128 on one GPU
-    "convmae-imagenet": 16,    # ConvMAE PRETRAIN.md: 128 per GPU (2048 global)
+    "convmae-imagenet": 24,    # ConvMAE PRETRAIN.md: 3 nodes x 8 GPUs x 128 per GPU = 3072
     "siameseim-imagenet": 32,  # SiameseIM: 32 GPUs x 128
 }
 TINY_CONFIGS = {"mscn-imagenet": "mscn-cpu-tiny", "mscn-byol-imagenet": "mscn-byol-cpu-tiny",
