@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from benchmarks.datasets import ClassificationSplit, open_image
+from transfer.datasets import ClassificationSplit, open_image
 from leaderboard.runs import training_curve
 from transfer.artifact import Backbone
 

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.minidata import make_mini
+from transfer.minidata import make_mini
 from benchmarks.runner import RunOptions, run_benchmark
 from transfer.artifact import random_artifact, save_artifact
 
