@@ -6,36 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks.spec import CACHE_ROOT
-
-
-# ----------------------------------------------------------------------------------------------- argument types
-def _number(kind, low: float, inclusive: bool = True):
-    """An argparse type: `kind` (int/float) >= low (or > low); argparse turns the ValueError into exit 2."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not (value >= low if inclusive else value > low) or value != value:
-            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-positive_int, non_negative_int = _number(int, 1), _number(int, 0)
-positive_float = _number(float, 0, inclusive=False)
-
-
-def device_name(text: str) -> str:
-    """auto, cpu, cuda or cuda:N (whether this machine has it is checked by `bench run` itself: a sweep may
-    parse run arguments on a login node without GPUs)."""
-    import re
-
-    if text not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: one of auto, cpu, cuda, cuda:N")
-    return text
+from benchmarks.args import (add_layout_options, add_run_arguments, bounded_number, non_negative_int, positive_float,
+                             positive_int)
 
 
 def check_device(text: str) -> None:
@@ -122,7 +94,8 @@ def cmd_status(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from leaderboard.report import render_report
+    from benchmarks.spec import load_specs
+    from leaderboard.render import render_report
 
     if args.format in ("html", "png") and not args.output:
         sys.exit(f"bench report --format {args.format} writes files: add -o DIR (e.g. -o report)")
@@ -130,11 +103,13 @@ def cmd_report(args) -> None:
         sys.exit(f"bench report: -o is for --format html|png; --format {args.format} prints to stdout")
     if not Path(args.results).is_dir():
         sys.exit(f"bench report: no results folder {args.results}; pass the --out of `bench run` / `bench sweep`")
-    print(render_report(args.results, fmt=args.format, references=not args.no_references, out_dir=args.output))
+    metric_order = {name: list(spec.metrics) for name, spec in load_specs().items()}
+    print(render_report(args.results, fmt=args.format, references=not args.no_references, out_dir=args.output,
+                        metric_order=metric_order))
 
 
 def cmd_data_mini(args) -> None:
-    from benchmarks.minidata import make_mini
+    from transfer.minidata import make_mini
 
     check_mini_root(Path(args.root), args.force)
     summary = make_mini(args.root, seed=args.seed, scale=args.scale, image_size=args.image_size)
@@ -202,12 +177,6 @@ def cmd_inspect(args) -> None:
         sys.exit(1)
 
 
-def add_layout_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", help="architecture, when it cannot be inferred from the checkpoint")
-    p.add_argument("--state-key", help="dotted path of the entry holding the weights (default: automatic)")
-    p.add_argument("--prefix", help="key prefix of the trunk weights (default: detected layout)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description="Transfer evaluation of self-supervised backbones.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -216,39 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(fn=cmd_list)
 
     r = sub.add_parser("run", help="run a benchmark on a backbone; writes one result record per trial")
-    r.add_argument("benchmark", help="benchmark name (see `bench list`)")
-    r.add_argument("--backbone", required=True, help="backbone artifact or checkpoint file")
-    r.add_argument("--data-root", required=True, help="folder holding the datasets in their real layouts")
-    r.add_argument("--recipe", help="recipe id (default: the benchmark's default)")
-    r.add_argument("--mode", choices=["cached", "protocol"], help="linear probes: cached (default) or protocol")
-    r.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="segmentation: start over instead of resuming from the work dir's last checkpoint")
-    r.add_argument("--trials", type=positive_int, help="number of trials (seeds seed..seed+N-1)")
-    r.add_argument("--first-trial", type=non_negative_int, default=0, help="index of the first trial (seed = seed + index)")
-    r.add_argument("--seed", type=non_negative_int, default=0)
-    r.add_argument("--out", default="results", help="results folder (default ./results)")
-    r.add_argument("--budget", help="non-protocol preset for CPU/miniature runs, e.g. tiny (recorded)")
-    r.add_argument("--epochs", type=positive_int, help="override the recipe's epochs (recorded as non-protocol)")
-    r.add_argument("--max-iter", type=positive_int,
-                   help="detection/segmentation: override the training iterations (steps and warm-up scale with it; "
-                        "non-protocol)")
-    r.add_argument("--batch-size", type=positive_int, help="override the global batch size: the recipe's linear-scaling rule scales the LR and, for "
-                        "iteration schedules, iterations / steps / warm-up inversely (recorded, non-protocol)")
-    r.add_argument("--crop-size", type=positive_int, help="override the crop size (recorded)")
-    r.add_argument("--resize-size", type=positive_int, help="override the test resize (recorded)")
-    r.add_argument("--lr", type=positive_float, help="override the LR (linear probes: at the recipe's lr_batch; recorded, non-protocol)")
-    add_layout_options(r)
-    r.add_argument("--method", help="method label for the leaderboard (default: from the artifact)")
-    r.add_argument("--name", help="backbone name for the leaderboard (default: file name)")
-    r.add_argument("--allow-partial-load", action="store_true",
-                   help="accept a checkpoint that leaves trunk weights uninitialised (recorded, non-protocol)")
-    r.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda, cuda:1 ...")
-    r.add_argument("--gpus", type=positive_int, default=1,
-                   help="processes (one per GPU): torchrun for linear probes and mmseg, the detection engine's own "
-                        "launcher for detection; on a CPU-only machine N gloo processes. The global batch is kept (batch / N per GPU); "
-                        "where memory forbids it, add --batch-size (linear-scaling rule)")
-    r.add_argument("--workers", type=non_negative_int, help="data-loading workers (default min(4, cores))")
-    r.add_argument("--cache-dir", default=str(CACHE_ROOT / "features"), help="feature cache for --mode cached")
+    add_run_arguments(r)
     r.set_defaults(fn=cmd_run)
 
     sw = sub.add_parser("sweep", help="run backbones x benchmarks x trials; skips cells whose records exist")
@@ -289,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     mini.add_argument("--root", required=True)
     mini.add_argument("--seed", type=non_negative_int, default=0)
     mini.add_argument("--scale", type=positive_float, default=1.0, help="multiply the number of images per set")
-    mini.add_argument("--image-size", type=_number(int, 16), default=96, help="base image size in pixels")
+    mini.add_argument("--image-size", type=bounded_number(int, 16), default=96, help="base image size in pixels")
     mini.add_argument("--force", action="store_true",
                       help="write into a non-empty --root that `bench data mini` did not create (files may be replaced)")
     mini.set_defaults(fn=cmd_data_mini)
@@ -342,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"bench {args.verb}: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; "
                  "free space or fix permissions and rerun (finished results are kept, unfinished ones redone)")
     except Exception as e:
-        from benchmarks.datasets import LayoutError, error_text
+        from transfer.datasets import LayoutError, error_text
 
         if isinstance(e, LayoutError):
             sys.exit(f"bench {args.verb}: error: {error_text(e)}")

@@ -1,6 +1,6 @@
 """`bench data check`: is a --data-root complete before the GPU hours start?
 
-For each dataset the annotation files are parsed with the loaders of benchmarks/datasets.py (without their
+For each dataset the annotation files are parsed with the loaders of transfer/datasets.py (without their
 per-file check), the number of images per split and of classes is compared with the real dataset's published
 sizes (or, under a miniature root, with the counts `bench data mini` recorded in its marker file), labels are
 checked against the class lists, and every listed image gets a parallel header read plus an end-of-file check
@@ -16,7 +16,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks import datasets as D
+from transfer import datasets as D
 from transfer.progress import progress
 
 # Published sizes of the real splits (images per split, number of classes), each with its source.
@@ -96,7 +96,7 @@ def expected_sizes(root: Path) -> dict:
     marker = root / MINI_MARKER
     if not marker.is_file():
         return REAL_SIZES
-    from benchmarks import minidata
+    from transfer import minidata
 
     summary = json.loads(marker.read_text())["summary"]
     classes = {"voc": len(D.VOC_CLASSES), "coco": len(minidata.COCO_CATEGORIES),

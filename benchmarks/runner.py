@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.spec import CACHE_ROOT, BenchmarkSpec, SpecError, get_spec, resolve
+from benchmarks.spec import BenchmarkSpec, SpecError, get_spec, resolve
 from leaderboard.records import new_record, write_record
+from transfer.datasets import CACHE_ROOT
 from transfer.loading import load_backbone
 
 
@@ -134,7 +135,7 @@ def check_finite_metrics(metrics: dict, benchmark: str, trial: int) -> None:
 
 def run_linear(spec: BenchmarkSpec, backbone, cfg: dict, mode: str, seed: int, device, opts: RunOptions):
     """Engine `torch-linear`: the linear-probe benchmarks (transfer/linear.py)."""
-    from benchmarks.datasets import check_layout, load_classification
+    from transfer.datasets import check_layout, load_classification
     from transfer import linear
 
     check_layout(spec.dataset, opts.data_root)

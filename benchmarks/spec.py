@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
+from transfer.errors import SpecError
+
 SPEC_DIR = Path(__file__).parent / "specs"
-CACHE_ROOT = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "bench"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +38,9 @@ class BenchmarkSpec:
     def budgets(self) -> dict:
         return self.extra.get("budgets", {})
 
-
-class SpecError(ValueError):
-    pass
+    def benchmarks_accepting(self, family: str) -> list[str]:
+        """Every benchmark whose spec accepts a `family` backbone (engines name them when refusing one)."""
+        return [s.name for s in load_specs().values() if family in s.accepts]
 
 
 @lru_cache(maxsize=None)

@@ -83,10 +83,10 @@ def is_done(cell: Cell, cfg: SweepConfig) -> bool:
 
 def _overrides(run_args: list[str]) -> dict:
     """Recipe overrides named in pass-through `bench run` arguments (--epochs 3 -> {'epochs': 3})."""
-    from benchmarks.cli import build_parser
+    from benchmarks.args import run_parser
 
     known = {"epochs", "max_iter", "batch_size", "crop_size", "resize_size", "lr"}
-    args = build_parser().parse_args(["run", "x", "--backbone", "b", "--data-root", "d", *run_args])
+    args = run_parser().parse_args(["x", "--backbone", "b", "--data-root", "d", *run_args])
     return {k: getattr(args, k) for k in known if getattr(args, k) is not None}
 
 
@@ -257,24 +257,3 @@ def _alive(state: dict) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def evaluate_checkpoint(artifact: str, benchmarks: list[str], data_root: str, out: str, trials: int = 1,
-                        launcher: str = "local", slurm: dict | None = None, run_args: list[str] | None = None,
-                        budget: str | None = None):
-    """Schedule the benchmark cells of one pretraining checkpoint (VISSL's benchmark-suite scheduler): a
-    detached local `bench sweep` process that training does not wait for, or a SLURM array via submitit.
-    Returns the Popen (local) or the submitit jobs (slurm)."""
-    cfg = SweepConfig(backbones=[str(Path(artifact).resolve())], benchmarks=list(benchmarks), trials=trials,
-                      data_root=str(Path(data_root).resolve()), out=str(Path(out).resolve()),
-                      run_args=list(run_args or []), budget=budget)
-    if launcher == "slurm":
-        return sweep(cfg, launcher="slurm", slurm=slurm)["jobs"]
-    log = Path(cfg.out) / "logs" / f"sweep__{Path(artifact).name.split('.')[0]}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.cli", "sweep", "--backbones", cfg.backbones[0], "--benchmarks",
-           *cfg.benchmarks, "--trials", str(trials), "--data-root", cfg.data_root, "--out", cfg.out]
-    cmd += ["--budget", budget] if budget else []
-    cmd += ["--", *cfg.run_args] if cfg.run_args else []
-    with open(log, "a") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)

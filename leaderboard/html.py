@@ -37,18 +37,18 @@ SOURCE_LINKS = {  # source names of references.csv -> where to read them
 esc = html.escape
 
 
-def write_html(results_dir, out_dir, references: bool = True) -> Path:
-    """Write the page to `out_dir`/index.html (atomically) and return its path."""
+def write_html(results_dir, out_dir, references: bool = True, metric_order: dict | None = None) -> Path:
+    """Write the page to `out_dir`/index.html (atomically) and return its path (`metric_order`: see chart_series)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "index.html"
     tmp = out / ".index.html.part"
-    tmp.write_text(render_html(results_dir, references), encoding="utf-8")
+    tmp.write_text(render_html(results_dir, references, metric_order), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
 
-def render_html(results_dir, references: bool = True) -> str:
+def render_html(results_dir, references: bool = True, metric_order: dict | None = None) -> str:
     """The page for the records under `results_dir`, as one HTML string."""
     results_dir = Path(results_dir)
     records = list(iter_records(results_dir))
@@ -57,7 +57,7 @@ def render_html(results_dir, references: bool = True) -> str:
     refs = report.load_references()
     refs = refs if references else refs.iloc[:0]
     body = [_header(results_dir, records, measured, refs), _tables_section(measured, refs),
-            _charts_section(long, refs), _pretraining_section(records), _runs_section(records)]
+            _charts_section(long, refs, metric_order), _pretraining_section(records), _runs_section(records)]
     return PAGE.format(css=CSS, js=JS, body="\n".join(body))
 
 
@@ -124,23 +124,21 @@ def _filter_attrs(benchmark, recipe, engine, mode) -> str:
 
 # ------------------------------------------------------------------------------------------------------ charts
 
-def headline_metric(benchmark: str, present: set) -> str | None:
-    """The benchmark's first spec metric that has numbers (else the first in METRIC_ORDER, else any)."""
-    try:
-        from benchmarks.spec import get_spec
-        order = list(get_spec(benchmark).metrics)
-    except Exception:  # a benchmark without a spec (e.g. records from another version): fall back on the order
-        order = []
+def headline_metric(benchmark: str, present: set, metric_order: dict | None = None) -> str | None:
+    """The benchmark's first spec metric (`metric_order[benchmark]`, the spec's metrics) that has numbers (else the
+    first in METRIC_ORDER, else any); a benchmark without a spec (records from another version) falls back."""
+    order = list((metric_order or {}).get(benchmark, []))
     order += report.METRIC_ORDER + sorted(present)
     return next((m for m in order if m in present), None)
 
 
-def chart_series(long: pd.DataFrame, refs: pd.DataFrame) -> list[dict]:
-    """Per benchmark: its headline metric, the measured rows (every trial's value) and the published values."""
+def chart_series(long: pd.DataFrame, refs: pd.DataFrame, metric_order: dict | None = None) -> list[dict]:
+    """Per benchmark: its headline metric, the measured rows (every trial's value) and the published values
+    (`metric_order`: benchmark -> its spec's metrics, given by `bench report`)."""
     charts = []
     for bench in sorted(set(long["benchmark"]) | set(refs["benchmark"])):
         present = set(long.loc[long.benchmark == bench, "metric"]) | set(refs.loc[refs.benchmark == bench, "metric"])
-        metric = headline_metric(bench, present)
+        metric = headline_metric(bench, present, metric_order)
         trials = long[(long.benchmark == bench) & (long.metric == metric)]
         rows = []
         for key, group in trials.groupby(report.ROW_KEYS, dropna=False, sort=True):
@@ -152,8 +150,8 @@ def chart_series(long: pd.DataFrame, refs: pd.DataFrame) -> list[dict]:
     return charts
 
 
-def _charts_section(long: pd.DataFrame, refs: pd.DataFrame) -> str:
-    charts = [c for c in chart_series(long, refs) if c["rows"] or c["refs"]]
+def _charts_section(long: pd.DataFrame, refs: pd.DataFrame, metric_order: dict | None = None) -> str:
+    charts = [c for c in chart_series(long, refs, metric_order) if c["rows"] or c["refs"]]
     parts = [_chart(c) for c in charts]
     return '<section id="charts"><h2>Per benchmark</h2>' + ("\n".join(parts) or "<p>Nothing to draw.</p>") + \
         "</section>"

@@ -11,7 +11,8 @@ from leaderboard.html import _clusters, _ref_text, _slug, chart_series, nice_axi
 from leaderboard.records import load_records
 
 
-def write_pngs(results_dir, out_dir, references: bool = True, dpi: int = 150) -> list[Path]:
+def write_pngs(results_dir, out_dir, references: bool = True, dpi: int = 150,
+               metric_order: dict | None = None) -> list[Path]:
     """One `<benchmark>.png` per benchmark with measured or published numbers; returns the paths written."""
     import matplotlib
 
@@ -23,7 +24,7 @@ def write_pngs(results_dir, out_dir, references: bool = True, dpi: int = 150) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for chart in chart_series(load_records(results_dir), refs):
+    for chart in chart_series(load_records(results_dir), refs, metric_order):
         if not chart["rows"] and not chart["refs"]:
             continue
         fig = _figure(plt, chart)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from leaderboard.records import load_records
 
 REFERENCES = Path(__file__).with_name("references.csv")
 DEFAULT_RESULTS = "results"
@@ -59,35 +58,6 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=GROUP_KEYS + ["mean", "std", "n"])
     grouped = df.groupby(GROUP_KEYS, dropna=False, sort=True)["value"]
     return grouped.agg(mean="mean", std="std", n="count").reset_index()
-
-
-def render_report(results_dir=None, fmt="markdown", references=True, out_dir=None) -> str:
-    """The leaderboard for `results_dir` (default ./results) as markdown tables, or the long frame as csv/json.
-
-    fmt "html" writes `out_dir`/index.html (leaderboard/html.py) and "png" one chart per benchmark into `out_dir`
-    (leaderboard/plots.py); both return the path(s) written, one per line.
-    """
-    results_dir = Path(results_dir or DEFAULT_RESULTS)
-    if fmt in ("html", "png"):
-        if out_dir is None:
-            raise ValueError(f"--format {fmt} writes files: give the folder with -o DIR")
-        if fmt == "html":
-            from leaderboard.html import write_html
-            return str(write_html(results_dir, out_dir, references=references))
-        from leaderboard.plots import write_pngs
-        written = write_pngs(results_dir, out_dir, references=references)
-        return "\n".join(map(str, written)) or f"no charts: no records in {results_dir} and no published rows"
-    measured = aggregate(load_records(results_dir))
-    refs = load_references()
-    refs = refs if references else refs.iloc[:0]
-    if fmt == "markdown":
-        return render_markdown(measured, refs, results_dir)
-    long = long_frame(measured, refs)
-    if fmt == "csv":
-        return long.to_csv(index=False)
-    if fmt == "json":
-        return long.to_json(orient="records", indent=2, force_ascii=False)
-    raise ValueError(f"unknown report format {fmt!r}; formats: markdown, csv, json, html, png")
 
 
 def long_frame(measured: pd.DataFrame, refs: pd.DataFrame) -> pd.DataFrame:

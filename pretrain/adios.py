@@ -614,7 +614,7 @@ def sample_images(cfg: dict, num_images: int) -> torch.Tensor:
     """Images spread over the run's pretraining data (common.image_files), resized to img_size, in [0, 1]."""
     import torchvision.transforms.v2.functional as TF
 
-    from benchmarks.datasets import open_image
+    from transfer.datasets import open_image
     from pretrain.common import image_files
 
     files, _ = image_files(cfg.get("data"))

@@ -27,6 +27,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -146,9 +148,8 @@ def method_module(method: str):
 def image_files(data: str | None) -> tuple[list[Path], str]:
     """Pretraining images and a description of where they came from."""
     if data is None:
-        from benchmarks.datasets import load_classification
-        from benchmarks.minidata import make_mini
-        from benchmarks.spec import CACHE_ROOT
+        from transfer.datasets import CACHE_ROOT, load_classification
+        from transfer.minidata import make_mini
 
         root = CACHE_ROOT / "mini"
         make_mini(root, seed=0, datasets=("inat18", "places205"))
@@ -165,7 +166,7 @@ def image_files(data: str | None) -> tuple[list[Path], str]:
 
 def sample_images(cfg: dict, num_images: int) -> torch.Tensor:
     """The first `num_images` pretraining images, resized and centre-cropped to img_size: (N, 3, S, S) in [0, 1]."""
-    from benchmarks.datasets import open_image
+    from transfer.datasets import open_image
 
     files, _ = image_files(cfg.get("data"))
     size = cfg["img_size"]
@@ -205,7 +206,7 @@ class MultiViewDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from benchmarks.datasets import open_image
+        from transfer.datasets import open_image
 
         image = open_image(self.files[i])
         with torch.random.fork_rng(devices=[]):
@@ -543,9 +544,7 @@ def export_backbone(model: nn.Module, cfg: dict, module, path: Path, steps: int,
 
 
 def schedule_evaluation(model: nn.Module, cfg: dict, module, out: Path, step: int, data: str):
-    """Export this step's trunk and schedule its benchmark cells (benchmarks.sweep.evaluate_checkpoint)."""
-    from benchmarks.sweep import evaluate_checkpoint
-
+    """Export this step's trunk and schedule its benchmark cells (evaluate_checkpoint)."""
     if not cfg["eval_benchmarks"] or not cfg["eval_data_root"]:
         raise SystemExit("eval_every needs eval_benchmarks=[...] and eval_data_root=DIR")
     artifact = export_backbone(model, cfg, module, out / f"backbone-step{step}.safetensors", step, data)
@@ -553,6 +552,25 @@ def schedule_evaluation(model: nn.Module, cfg: dict, module, out: Path, step: in
                                cfg["eval_out"] or str(out / "evals"), launcher=cfg["eval_launcher"],
                                budget=cfg["eval_budget"])
 
+
+def evaluate_checkpoint(artifact: str, benchmarks: list[str], data_root: str, out: str, trials: int = 1,
+                        launcher: str = "local", run_args: list[str] | None = None, budget: str | None = None):
+    """Schedule the benchmark cells of one pretraining checkpoint (VISSL's benchmark-suite scheduler) through the
+    `bench sweep` command line, so pretraining imports nothing from benchmarks/: a detached local sweep that
+    training does not wait for (returns its Popen), or `bench sweep --launcher slurm`, which submits the SLURM
+    array and returns (its CompletedProcess; a failed submission raises)."""
+    artifact, out = str(Path(artifact).resolve()), str(Path(out).resolve())
+    cmd = [sys.executable, "-m", "benchmarks.cli", "sweep", "--backbones", artifact, "--benchmarks", *benchmarks,
+           "--trials", str(trials), "--data-root", str(Path(data_root).resolve()), "--out", out]
+    cmd += ["--budget", budget] if budget else []
+    cmd += ["--launcher", "slurm"] if launcher == "slurm" else []
+    cmd += ["--", *run_args] if run_args else []
+    log = Path(out) / "logs" / f"sweep__{Path(artifact).name.split('.')[0]}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        if launcher == "slurm":
+            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True)
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 # ----------------------------------------------------------------------------------------------- loop
 def seed_everything(seed: int) -> None:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides.append("resume=true")
     if args.force:
         overrides.append("force=true")
-    from benchmarks.datasets import LayoutError, error_text
+    from transfer.datasets import LayoutError, error_text
 
     try:
         train(load_config(args.method, args.config, overrides))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.datasets import (VOC_CLASSES, LayoutError, check_layout, load_ade20k, load_classification,
+from transfer.datasets import (VOC_CLASSES, LayoutError, check_layout, load_ade20k, load_classification,
                                  load_coco, load_lvis, load_voc, open_image)
-from benchmarks.minidata import make_mini
+from transfer.minidata import make_mini
 
 
 def test_classification_sets(mini_root):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.datasets import LayoutError, check_layout, error_text, load_ade20k, load_classification
+from transfer.datasets import LayoutError, check_layout, error_text, load_ade20k, load_classification
 
 
 def hashes(folder: Path) -> dict:

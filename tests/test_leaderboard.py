@@ -12,7 +12,8 @@ import pytest
 
 from leaderboard.records import (SCHEMA, RecordError, RecordWarning, existing_records, load_records, new_record,
                                  record_filename, validate_record, write_record)
-from leaderboard.report import aggregate, load_references, render_report
+from leaderboard.render import render_report
+from leaderboard.report import aggregate, load_references
 
 HASH_A = "sha256:" + "a1" * 32
 HASH_B = "sha256:" + "b2" * 32

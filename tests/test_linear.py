@@ -91,7 +91,7 @@ def random_backbone(tmp_path_factory):
 @pytest.fixture(scope="module")
 def places_features(mini_root, random_backbone):
     """Centre-crop features of the miniature Places205 train and val sets."""
-    from benchmarks.datasets import load_classification
+    from transfer.datasets import load_classification
     from transfer.linear import extract_features, test_transform
     from transfer.loading import load_backbone
 

@@ -24,7 +24,7 @@ FEW = {"max_iters": 6, "checkpoint_interval": 3, "val_interval": 6}  # on top of
 @pytest.fixture(scope="module")
 def ade_root(tmp_path_factory):
     """A small miniature ADE20K (40 train / 12 val images, 128 px)."""
-    from benchmarks.minidata import make_mini
+    from transfer.minidata import make_mini
 
     root = tmp_path_factory.mktemp("ade")
     make_mini(root, seed=0, scale=0.2, datasets=["ade20k"])

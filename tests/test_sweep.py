@@ -83,7 +83,7 @@ def test_status_reports_failed_cell_with_log(tmp_path, mini_root, backbones):
 
 def test_checkpoint_evaluations_accumulate_in_one_status(tmp_path, mini_root, backbones):
     """What pretraining does on its evaluation schedule: one detached sweep per saved checkpoint, one OUT."""
-    from benchmarks.sweep import evaluate_checkpoint
+    from pretrain.common import evaluate_checkpoint
 
     out = tmp_path / "evals"
     procs = [evaluate_checkpoint(b, ["places205"], str(mini_root), str(out), budget="tiny",
@@ -95,7 +95,7 @@ def test_checkpoint_evaluations_accumulate_in_one_status(tmp_path, mini_root, ba
 
 
 def test_pretraining_schedules_checkpoint_evaluations(tmp_path, mini_root):
-    from benchmarks.datasets import load_classification
+    from transfer.datasets import load_classification
     from pretrain.common import load_config, train
 
     images = tmp_path / "imgs"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import dataclasses
 import math
 import os
 import socket
@@ -51,6 +50,7 @@ from torchvision.ops import roi_align
 from leaderboard.runs import detection_pictures, save_run_pictures, training_curve
 from transfer import det_eval
 from transfer.artifact import Backbone, BackboneArtifact, Preprocessing, build_backbone, trunk_state_dict
+from transfer.detection_data import DetSplit, load_split, num_gpus
 
 ENGINE_ENV = "BENCH_DET_ENGINE"
 FEATURE_STRIDE = 16  # res4
@@ -274,54 +274,6 @@ def build_model(backbone, num_classes: int, cfg: dict) -> C4RCNN:
 
 
 # ----------------------------------------------------------------------------------------------- data
-@dataclasses.dataclass
-class DetSplit:
-    """One dataset split: detectron2-style records, class names, and what its evaluator needs."""
-
-    name: str
-    kind: str                      # voc | coco | lvis
-    records: list[dict]
-    class_names: list[str]
-    api: object = None             # pycocotools COCO / lvis LVIS ground truth
-    cat_ids: list | None = None    # contiguous index -> dataset category id
-    year: int | None = None
-
-
-def _json_records(api, imgs: dict, anns_of, path_of) -> tuple[list[dict], list[int], list[str]]:
-    cat_ids = sorted(api.cats)
-    index = {c: i for i, c in enumerate(cat_ids)}
-    records = []
-    for image_id in sorted(imgs):
-        img = imgs[image_id]
-        anns = [{"bbox": [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]],
-                 "category_id": index[a["category_id"]], "iscrowd": a.get("iscrowd", 0),
-                 "segmentation": a.get("segmentation")} for a in anns_of(image_id)]
-        records.append({"file_name": str(path_of(img)), "image_id": image_id, "height": img["height"],
-                        "width": img["width"], "annotations": anns})
-    return records, cat_ids, [api.cats[c]["name"] for c in cat_ids]
-
-
-def load_split(name: str, data_root: str) -> DetSplit:
-    """voc_<year>_<split>, coco_2017_<train|val>, lvis_v1_<train|val> from the real layouts under data_root."""
-    from benchmarks import datasets as D
-
-    kind, version, split = name.split("_", 2)
-    if kind == "voc":
-        return DetSplit(name, "voc", D.load_voc(data_root, int(version), split), list(D.VOC_CLASSES),
-                        year=int(version))
-    if kind == "coco":
-        coco, image_dir = D.load_coco(data_root, f"{split}{version}")
-        records, cat_ids, names = _json_records(coco, coco.imgs, lambda i: coco.imgToAnns.get(i, []),
-                                                lambda img: os.path.join(image_dir, img["file_name"]))
-        return DetSplit(name, "coco", records, names, coco, cat_ids)
-    if kind == "lvis":
-        lvis, path_of = D.load_lvis(data_root, split)
-        records, cat_ids, names = _json_records(lvis, lvis.imgs, lambda i: lvis.img_ann_map.get(i, []),
-                                                lambda img: path_of(img["id"]))
-        return DetSplit(name, "lvis", records, names, lvis, cat_ids)
-    raise ValueError(f"unknown detection split {name!r} (voc_<year>_<split>, coco_2017_<split>, lvis_v1_<split>)")
-
-
 def resized_hw(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     """detectron2 ResizeShortestEdge.get_output_shape."""
     scale = short / min(h, w)
@@ -360,7 +312,7 @@ class DetectionData(Dataset):
         from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
 
-        from benchmarks.datasets import open_image
+        from transfer.datasets import open_image
 
         r = self.records[i]
         img = open_image(r["file_name"])
@@ -575,25 +527,15 @@ def pick_engine() -> str:
     return forced or ("detectron2" if detectron2_available() else "torchvision")
 
 
-def num_gpus(opts, device) -> int:
-    """Processes to launch (`bench run --gpus N`): one per GPU, or N gloo processes on a CPU-only machine."""
-    n = int(getattr(opts, "num_gpus", 1) or 1)
-    if n > 1 and torch.device(device).type == "cuda" and torch.cuda.device_count() < n:
-        raise ValueError(f"--gpus {n} but {torch.cuda.device_count()} GPUs are visible")
-    return n
-
-
 def run_detection(spec, backbone, cfg: dict, mode: str, seed: int, device, opts):
     """Engine entry point of `task: detection` benchmarks: (result, engine_cfg)."""
-    from benchmarks.datasets import check_layout
-    from benchmarks.spec import SpecError
+    from transfer.datasets import check_layout
+    from transfer.errors import SpecError
 
     if mode != "train":
         raise SpecError(f"benchmark {spec.name} has no mode {mode!r}; modes: train")
     if backbone.family != "resnet":
-        from benchmarks.spec import load_specs
-
-        fits = [s.name for s in load_specs().values() if backbone.family in s.accepts]
+        fits = spec.benchmarks_accepting(backbone.family)
         raise SpecError(f"{spec.name}: the C4 detector (res2..res4 backbone, res5 ROI head) needs a ResNet "
                         f"backbone, got {backbone.arch} ({backbone.family}); benchmarks that accept it: "
                         f"{', '.join(fits) or 'none yet'}")

@@ -168,7 +168,7 @@ def register_components() -> None:
 
 
 def layout_paths(name: str, data_root: str) -> dict:
-    """Where a split lives in the real layouts (benchmarks/datasets.py EXPECTED_LAYOUTS)."""
+    """Where a split lives in the real layouts (transfer/datasets.py EXPECTED_LAYOUTS)."""
     kind, version, split = name.split("_", 2)
     root = Path(data_root)
     if kind == "voc":
@@ -187,7 +187,7 @@ def register_datasets(names: list[str], data_root: str) -> None:
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances, register_pascal_voc
 
-    from benchmarks.datasets import VOC_CLASSES
+    from transfer.datasets import VOC_CLASSES
 
     for name in names:
         if PREFIX + name in DatasetCatalog.list():
@@ -207,7 +207,7 @@ def _register_lvis(registered: str, name: str, data_root: str, json_file: str) -
     """LVIS with metadata from the json itself (detectron2's built-in LVIS metadata assumes 1203 classes)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from transfer.detection import load_split
+    from transfer.detection_data import load_split
 
     def records():
         split = load_split(name, data_root)
@@ -325,7 +325,7 @@ def run(spec, backbone, cfg: dict, seed: int, device, opts):
     import torch
     from detectron2.engine import launch
 
-    from transfer.detection import load_split, num_gpus
+    from transfer.detection_data import load_split, num_gpus
 
     t0 = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S")

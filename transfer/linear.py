@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
-from benchmarks.datasets import ClassificationSplit, open_image
+from transfer.datasets import ClassificationSplit, open_image
 from leaderboard.runs import training_curve
 from transfer.artifact import Backbone
 from transfer.progress import progress

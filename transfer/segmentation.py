@@ -52,7 +52,7 @@ from mmseg.engine.optimizers.layer_decay_optimizer_constructor import (  # noqa:
 from mmseg.models.data_preprocessor import SegDataPreProcessor  # noqa: E402
 from mmseg.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS  # noqa: E402
 
-from benchmarks.spec import SpecError  # noqa: E402
+from transfer.errors import SpecError  # noqa: E402
 from transfer.artifact import (BackboneArtifact, Preprocessing, build_backbone, high_pass,  # noqa: E402
                                read_artifact, save_artifact, trunk_state_dict)
 
@@ -667,7 +667,7 @@ def run_segmentation(spec, backbone, cfg: dict, mode: str, seed: int, device, op
     """
     from mmengine.runner import Runner
 
-    from benchmarks.datasets import check_layout
+    from transfer.datasets import check_layout
 
     if mode != "train":
         raise SegmentationError(f"benchmark {spec.name} has no mode {mode!r}; modes: train")

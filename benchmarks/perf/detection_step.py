@@ -34,7 +34,7 @@ def pretrain_backbone(data_root, out, *, dataset: str = "inat18", epochs: int = 
 
     from torchvision.transforms import v2 as T
 
-    from benchmarks.datasets import load_classification
+    from transfer.datasets import load_classification
     from transfer.linear import ImageList
 
     torch.manual_seed(seed)
@@ -85,7 +85,7 @@ def main():
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-det-perf-"))
     data_root = args.data_root or str(work / "data")
     if not args.data_root:
-        from benchmarks.minidata import make_mini
+        from transfer.minidata import make_mini
 
         make_mini(data_root)
     backbones = {"random-init": save_artifact(work / "random-init.safetensors",

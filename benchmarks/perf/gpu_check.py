@@ -215,7 +215,7 @@ def stage_linear(tiny: bool, work: Path) -> list[dict]:
 
 
 def _mini_root(work: Path, datasets) -> Path:
-    from benchmarks.minidata import make_mini
+    from transfer.minidata import make_mini
 
     root = work / "mini"
     make_mini(root, seed=0, scale=0.05, datasets=datasets)

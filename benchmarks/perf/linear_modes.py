@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.minidata import make_mini
+from transfer.minidata import make_mini
 from benchmarks.runner import RunOptions, run_benchmark
 from benchmarks.spec import get_spec, resolve
 

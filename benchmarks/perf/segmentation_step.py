@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-seg-"))
     root = Path(args.data_root) if args.data_root else tmp / "data"
     if not args.data_root:
-        from benchmarks.minidata import make_mini
+        from transfer.minidata import make_mini
 
         make_mini(root, seed=0, datasets=["ade20k"])
     out = Path(args.out) if args.out else tmp / "results"

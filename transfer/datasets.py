@@ -13,6 +13,8 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+CACHE_ROOT = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "bench"))  # mini data, feature cache
+
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")

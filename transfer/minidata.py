@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from benchmarks.datasets import VOC_CLASSES
+from transfer.datasets import VOC_CLASSES
 
 DATASETS = ("voc", "coco", "lvis", "ade20k", "inat18", "places205")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
