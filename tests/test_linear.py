@@ -319,7 +319,7 @@ def test_res5_head_equals_vissl_eval_mlp(random_backbone):
 
 def test_cached_refit_trains_one_head_on_all_of_train(mini_root, random_backbone, tmp_path):
     """cached.refit: after the held-out LR choice, one head at that LR on the fit passes + held-out passes."""
-    from benchmarks.datasets import load_classification
+    from transfer.datasets import load_classification
     from transfer.linear import run_cached
     from transfer.loading import load_backbone
 
