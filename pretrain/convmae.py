@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from transfer.artifact import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, build_backbone
-from transfer.convvit import PRESETS, ConvViT, _init_weights, sincos_pos_embed
+from transfer.convvit import PRESETS, ConvViT, xavier_init, sincos_pos_embed
 
 PATCH = 16  # pixels per stage-3 token (4 * 2 * 2)
 DEFAULT_CONFIG = "convmae-cpu-tiny"
@@ -94,7 +94,7 @@ class ConvMAE(nn.Module):
         w = self.encoder.patch_embed3.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(xavier_init)
 
     def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Normalised visible stage-3 tokens with the fused stage-1/2 features, (B, n_visible, D)."""

@@ -24,7 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from transfer.artifact import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, build_backbone
-from transfer.convvit import sincos_1d, sincos_pos_embed
+from transfer.convvit import sincos_1d, sincos_pos_embed, xavier_init
 
 DEFAULT_CONFIG = "siameseim-cpu-tiny"
 DEFAULTS: dict[str, Any] = {  # ViT-B/16, 1600 epochs (methods.md 3.1-3.4); configs override
@@ -214,14 +214,7 @@ class SiameseIM(nn.Module):
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.normal_(encoder.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.apply(xavier_init)
         encoder.patch_embed.requires_grad_(False)
 
     def online_modules(self) -> dict[str, nn.Module]:

@@ -112,7 +112,7 @@ class ConvViT(nn.Module):
             Block(d3, num_heads, mlp_ratio, qkv_bias=True, drop_path=rates[depths[0] + depths[1] + i],
                   norm_layer=partial(nn.LayerNorm, eps=1e-6)) for i in range(depths[2]))
         self.norm = nn.LayerNorm(d3, eps=1e-6)
-        self.apply(_init_weights)
+        self.apply(xavier_init)
 
     def forward_stages(self, x: torch.Tensor, keep: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """Stage-1 map, stage-2 map and stage-3 tokens (before the final norm).
@@ -156,7 +156,8 @@ def visible_multipliers(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return vis1, vis2
 
 
-def _init_weights(m: nn.Module) -> None:
+def xavier_init(m: nn.Module) -> None:
+    """MAE's `_init_weights` (used by ConvMAE and SiameseIM): Xavier-uniform Linear with zero bias, LayerNorm 1/0."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
