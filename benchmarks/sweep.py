@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.spec import get_spec, resolve
-from leaderboard.records import existing_records
+from leaderboard.records import existing_records, replaced_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +107,9 @@ def _state_path(out: str, cell: Cell) -> Path:
 def _write_state(out: str, cell: Cell, **state) -> None:
     path = _state_path(out, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
+    with replaced_atomically(path) as tmp:  # a full disk leaves no temp file behind
         tmp.write_text(json.dumps({"cell": dataclasses.asdict(cell), "host": socket.gethostname(),
                                    "time": datetime.datetime.now().isoformat(timespec="seconds"), **state}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no temp file behind
 
 
 def run_cell(cell: Cell, cfg: SweepConfig) -> int:
@@ -152,12 +148,8 @@ def save_grid(cfg: SweepConfig, cells: list[Cell]) -> None:
         for cell in cells:
             entries[(cell.backbone_hash, cell.id)] = {"cell": dataclasses.asdict(cell),
                                                       "config": dataclasses.asdict(cfg)}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        try:
+        with replaced_atomically(path) as tmp:
             tmp.write_text(json.dumps({"cells": list(entries.values())}, indent=1))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def sweep(cfg: SweepConfig, launcher: str = "local", slurm: dict | None = None, log=print) -> dict:

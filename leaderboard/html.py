@@ -13,13 +13,12 @@ import datetime
 import html
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from leaderboard import report
-from leaderboard.records import iter_records, records_frame
+from leaderboard.records import iter_records, records_frame, replaced_atomically
 from leaderboard.runs import find_pictures, read_jsonl_curve, read_mmengine_curves
 
 FILTERS = ("benchmark", "recipe", "engine", "mode")
@@ -42,9 +41,8 @@ def write_html(results_dir, out_dir, references: bool = True, metric_order: dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "index.html"
-    tmp = out / ".index.html.part"
-    tmp.write_text(render_html(results_dir, references, metric_order), encoding="utf-8")
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(render_html(results_dir, references, metric_order), encoding="utf-8")
     return path
 
 

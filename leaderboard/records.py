@@ -20,6 +20,7 @@ import sys
 import tempfile
 import uuid
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -106,6 +107,19 @@ def _int(v):
 
 def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+@contextmanager
+def replaced_atomically(path: Path):
+    """Yields a temporary path beside `path` to write; when the block succeeds it replaces `path` in one step, and
+    on any error (a full disk, an interrupt) it is removed, so `path` is either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @lru_cache(maxsize=1)

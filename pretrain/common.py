@@ -42,6 +42,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
+from leaderboard.records import replaced_atomically
 from leaderboard.runs import save_pictures
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -491,12 +492,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, step: int, 
     ckpt = {"model": model_state, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": step, "config": cfg, "rng": states or [rng_state()]}
-    tmp = path.with_suffix(".tmp")
-    try:
+    with replaced_atomically(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_finite_state(state: dict, path: Path, step: int) -> None:

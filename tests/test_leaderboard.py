@@ -297,3 +297,18 @@ def test_csv_and_json_formats(tmp_path):
     assert [r["mean"] for r in rows if r["kind"] == "measured"] == [pytest.approx(34 / 3)]
     with pytest.raises(ValueError, match="format"):
         render_report(tmp_path, fmt="html")
+
+
+def test_replaced_atomically_keeps_the_old_file_on_error_and_leaves_no_temp(tmp_path):
+    from leaderboard.records import replaced_atomically
+
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    with pytest.raises(OSError):
+        with replaced_atomically(path) as tmp:
+            tmp.write_text("half")
+            raise OSError("No space left on device")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    with replaced_atomically(path) as tmp:
+        tmp.write_text("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["state.json"]

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -252,18 +251,14 @@ def save_artifact(path: str | os.PathLike, artifact: BackboneArtifact) -> Path:
     that are not part of the trunk (`check_trunk_only`)."""
     from safetensors.torch import save_file
 
+    from leaderboard.records import replaced_atomically
+
     check_trunk_only(artifact)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in artifact.state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"bench": json.dumps(artifact.metadata())})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replaced_atomically(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"bench": json.dumps(artifact.metadata())})
     return path
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
 from transfer.datasets import ClassificationSplit, open_image
+from leaderboard.records import replaced_atomically
 from leaderboard.runs import training_curve
 from transfer.artifact import Backbone
 from transfer.progress import progress
@@ -255,12 +256,8 @@ def cached_features(backbone, split, transform, pass_seed, cache_dir: Path, devi
                                      seed=pass_seed, pool=pool)
     if dist_info()[0] == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        try:
+        with replaced_atomically(path) as tmp:  # a full disk leaves no partial entry behind
             torch.save({"features": feats, "labels": labels}, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no partial entry behind
     return feats, labels, False
 
 
